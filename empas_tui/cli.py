@@ -1,0 +1,74 @@
+"""The ``empas`` command. With no arguments it opens the TUI; subcommands run the same engine headless.
+
+Each command group lives in its own module under ``empas_tui/commands`` and registers itself through
+``register(subparsers)``; its handler returns an exit code. Errors the user can fix are raised as
+:class:`UserError` (or one of the engine's error types listed in ``USER_ERRORS``) and printed as one
+line, ``empas: error: ...``, with exit code 2. Nothing here imports Textual unless the TUI is opened.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+COMMAND_MODULES = [
+    "empas_tui.commands.profile",
+]
+
+
+class UserError(Exception):
+    """An error with a one-line message that names the fix."""
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    from profiling.corpus import CorpusError
+    from profiling.inventory import InventoryError
+    from profiling.models import ModelLoadError
+    from profiling.quantizer import QuantizerError
+    from storage.artifacts import ArtifactError
+    from storage.urls import StorageError
+
+    return (UserError, CorpusError, InventoryError, ModelLoadError, QuantizerError, ArtifactError,
+            StorageError, ValueError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="empas",
+        description="Find per-layer bit-widths for a causal LM under a memory budget. "
+                    "Run without arguments to open the terminal UI.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] == "tui":
+        from empas_tui.app import run_app
+
+        return run_app(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.handler(args) or 0)
+    except KeyboardInterrupt:
+        print("empas: interrupted; finished work is saved, run the same command again to resume",
+              file=sys.stderr)
+        return 130
+    except user_error_types() as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"empas: error: {message}", file=sys.stderr)
+        if os.environ.get("EMPAS_DEBUG"):
+            raise
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

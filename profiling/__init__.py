@@ -1,0 +1,1 @@
+"""Profiling: load a model, list its quantisable layers, quantise, and measure per-layer sensitivity."""

@@ -1,0 +1,173 @@
+"""Running a model on fixed calibration tokens, with its weights temporarily quantised.
+
+:class:`PrefixRunner` makes profiling cheap: quantising a gene in block *k* changes nothing before block
+*k*, so one dense pass records the hidden states (and the keyword arguments: masks, rotary
+embeddings) entering every block, and each measurement reruns only blocks *k..end*, the final norm and
+the LM head. At construction it checks that rerunning from block 0 reproduces the dense logits; a model
+for which that fails (an unknown head, logit soft-capping) falls back to full forwards, which are
+always correct.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from .inventory import Gene, Inventory, find_blocks, get_weight, set_weight
+
+FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "final_norm")
+KL_CHUNK_TOKENS = 1024
+
+
+@contextlib.contextmanager
+def quantized_weights(model: nn.Module, genes: Iterable[Gene], bits: Iterable[int], quantizer) -> Iterator[None]:
+    """Fake-quantise each gene's weights to its bit-width for the duration of the block, then restore."""
+    saved = []
+    try:
+        for gene, b in zip(genes, bits):
+            if b == 16:
+                continue
+            for lin in gene.linears:
+                w = get_weight(model, lin)
+                saved.append((lin, w.detach().clone()))
+                set_weight(model, lin, quantizer.fake_quantize(w.detach(), b))
+        yield
+    finally:
+        for lin, original in reversed(saved):
+            set_weight(model, lin, original)
+
+
+def _first_tensor(output) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    if hasattr(output, "last_hidden_state"):
+        return output.last_hidden_state
+    raise TypeError(f"unexpected block output {type(output).__name__}")
+
+
+def mean_kl(dense_logprobs: torch.Tensor, logits: torch.Tensor) -> float:
+    """Mean over tokens of KL(p_dense || p_quantised); inputs are (tokens, vocab). Reference version."""
+    total = 0.0
+    n = dense_logprobs.shape[0]
+    for start in range(0, n, KL_CHUNK_TOKENS):
+        lp = dense_logprobs[start:start + KL_CHUNK_TOKENS]
+        lq = torch.log_softmax(logits[start:start + KL_CHUNK_TOKENS].float(), dim=-1)
+        total += float((lp.exp() * (lp - lq)).sum())
+    return max(total / n, 0.0)
+
+
+class DenseReference:
+    """The dense model's next-token distribution, prepared for fast KL against many candidates.
+
+    KL(p || softmax(z)) = sum p*log p - sum p*z + logsumexp(z) (because sum p = 1), so each candidate
+    costs one logsumexp and one dot product, without materialising its log-softmax.
+    """
+
+    def __init__(self, dense_logits: torch.Tensor):
+        self.logprobs = torch.log_softmax(dense_logits.reshape(-1, dense_logits.shape[-1]).float(), dim=-1)
+        self.probs = self.logprobs.exp()
+        self.neg_entropy = float((self.probs * self.logprobs).sum())
+        self.n_tokens = self.logprobs.shape[0]
+
+    def mean_kl(self, logits: torch.Tensor) -> float:
+        z = logits.reshape(-1, logits.shape[-1]).float()
+        cross = float((self.probs * z).sum())
+        lse = float(torch.logsumexp(z, dim=-1).sum())
+        return max((self.neg_entropy - cross + lse) / self.n_tokens, 0.0)
+
+
+def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> float:
+    """Mean cross-entropy of predicting token t+1 from logits at t; logits (n_seq, len, vocab)."""
+    return float(torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1)))
+
+
+class PrefixRunner:
+    """Dense reference outputs on ``tokens`` plus cheap re-evaluation of the network's tail."""
+
+    def __init__(self, model: nn.Module, inventory: Inventory, tokens: torch.Tensor, reuse_prefix: bool = True):
+        self.model = model
+        self.inventory = inventory
+        self.tokens = tokens
+        self.blocks_path, self.blocks = find_blocks(model)
+        self.final_norm = self._find_final_norm()
+        self.lm_head = model.get_output_embeddings()
+        self.block_inputs: list[tuple[torch.Tensor, tuple, dict]] = []
+        with torch.no_grad():
+            dense_logits = self._capture_dense()
+        self.dense_logits_shape = dense_logits.shape
+        self.dense = DenseReference(dense_logits)
+        self.base_loss = next_token_loss(dense_logits, tokens)
+        self.reuse_prefix = reuse_prefix and self._tail_reproduces(dense_logits)
+        if not self.reuse_prefix:
+            self.block_inputs = []  # free the cache: only full forwards from here on
+
+    # -- setup -----------------------------------------------------------------------------------
+    def _find_final_norm(self) -> nn.Module | None:
+        parent_path = self.blocks_path.rsplit(".", 1)[0] if "." in self.blocks_path else ""
+        parent = self.model.get_submodule(parent_path) if parent_path else self.model
+        for name in FINAL_NORM_NAMES:
+            module = getattr(parent, name, None)
+            if isinstance(module, nn.Module):
+                return module
+        return None
+
+    def _capture_dense(self) -> torch.Tensor:
+        handles = []
+
+        def make_hook(index: int):
+            def hook(_module, args, kwargs):
+                if args:
+                    hidden, rest = args[0], tuple(args[1:])
+                else:
+                    hidden, rest = kwargs.get("hidden_states"), ()
+                    kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+                self.block_inputs.append((hidden.detach(), rest, dict(kwargs)))
+            return hook
+
+        for i, block in enumerate(self.blocks):
+            handles.append(block.register_forward_pre_hook(make_hook(i), with_kwargs=True))
+        try:
+            logits = self.full_logits()
+        finally:
+            for h in handles:
+                h.remove()
+        return logits
+
+    def _tail_reproduces(self, dense_logits: torch.Tensor) -> bool:
+        if self.final_norm is None or self.lm_head is None or len(self.block_inputs) != len(self.blocks):
+            return False
+        with torch.no_grad():
+            tail = self.tail_logits(0)
+        return bool(torch.allclose(tail, dense_logits, atol=1e-4, rtol=1e-4))
+
+    # -- evaluation ------------------------------------------------------------------------------
+    def full_logits(self) -> torch.Tensor:
+        out = self.model(input_ids=self.tokens, use_cache=False)
+        return out.logits
+
+    def tail_logits(self, start_block: int) -> torch.Tensor:
+        hidden = self.block_inputs[start_block][0]
+        for index in range(start_block, len(self.blocks)):
+            _, rest, kwargs = self.block_inputs[index]
+            hidden = _first_tensor(self.blocks[index](hidden, *rest, **kwargs))
+        if self.final_norm is not None:
+            hidden = self.final_norm(hidden)
+        return self.lm_head(hidden)
+
+    @torch.no_grad()
+    def logits_with(self, genes: list[Gene], bits: list[int], quantizer) -> torch.Tensor:
+        """Logits with ``genes`` quantised to ``bits`` (others dense), recomputing only what changed."""
+        changed = [g.block for g, b in zip(genes, bits) if b != 16]
+        with quantized_weights(self.model, genes, bits, quantizer):
+            if changed and self.reuse_prefix:
+                return self.tail_logits(min(changed))
+            return self.full_logits()
+
+    def kl_with(self, genes: list[Gene], bits: list[int], quantizer) -> float:
+        return self.dense.mean_kl(self.logits_with(genes, bits, quantizer))

@@ -1,0 +1,131 @@
+"""Archetype artifacts: one JSON file per chosen genome, the hand-off from search to deployment.
+
+A file carries everything needed to apply it to the model later, and to refuse it for another model:
+
+    {
+      "schema": "empas.artifact/1",
+      "archetype": "balanced",
+      "model": {"id": "default", "fingerprint": "<sha256 of the weights>"},
+      "quantizer": {"name": "rtn", "group_size": 64},
+      "granularity": "block",
+      "genes": {"block.0": 4, "block.1": 8, ...},          # gene name -> bits (16 = untouched)
+      "memory_bytes": 63123456,                           # from the memory model
+      "metrics": {"predicted": {...}, "measured": {...}}, # each labelled by where it came from
+      "source": {"study": "...", "trial": 123, "storage": "sqlite:///empas.db"},
+      "created": "2026-11-27T14:00:00Z"
+    }
+
+Writes are atomic; :func:`load_artifact` validates a file and raises :class:`ArtifactError` with one
+line that names the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .atomic import atomic_write_text
+
+SCHEMA = "empas.artifact/1"
+VALID_BITS = {2, 3, 4, 5, 6, 7, 8, 16}
+
+
+class ArtifactError(ValueError):
+    pass
+
+
+@dataclass
+class Artifact:
+    archetype: str
+    model_id: str
+    model_fingerprint: str
+    quantizer: dict
+    granularity: str
+    genes: dict[str, int]
+    memory_bytes: int
+    metrics: dict = field(default_factory=dict)
+    source: dict = field(default_factory=dict)
+    created: str = ""
+
+    def to_dict(self) -> dict:
+        return {
+            "schema": SCHEMA, "archetype": self.archetype,
+            "model": {"id": self.model_id, "fingerprint": self.model_fingerprint},
+            "quantizer": self.quantizer, "granularity": self.granularity, "genes": self.genes,
+            "memory_bytes": int(self.memory_bytes), "metrics": self.metrics, "source": self.source,
+            "created": self.created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+
+    @property
+    def bits(self) -> list[int]:
+        return list(self.genes.values())
+
+    def check_model(self, fingerprint: str, where: str = "") -> None:
+        if fingerprint != self.model_fingerprint:
+            raise ArtifactError(
+                f"artifact{where} was made for model {self.model_id} (weights {self.model_fingerprint[:12]}), "
+                f"not the loaded one ({fingerprint[:12]}): pass --model {self.model_id} or re-export")
+
+
+def save_artifact(artifact: Artifact, path: str | Path) -> Path:
+    return atomic_write_text(path, json.dumps(artifact.to_dict(), indent=2, allow_nan=False) + "\n")
+
+
+def _require(cond: bool, path: Path, what: str) -> None:
+    if not cond:
+        raise ArtifactError(f"{path}: {what}; re-export it with `empas export`")
+
+
+def load_artifact(path: str | Path) -> Artifact:
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise ArtifactError(f"cannot read {p}: {exc.strerror or exc}; pass an exported artifact JSON") from None
+    try:
+        data = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ArtifactError(f"{p} is not valid JSON ({type(exc).__name__}); re-export it with `empas export`") from None
+    _require(isinstance(data, dict), p, "top level is not an object")
+    schema = data.get("schema")
+    _require(schema == SCHEMA, p, f"unknown schema {schema!r} (expected {SCHEMA})")
+    model = data.get("model")
+    _require(isinstance(model, dict) and isinstance(model.get("id"), str)
+             and isinstance(model.get("fingerprint"), str), p, "missing model id/fingerprint")
+    quantizer = data.get("quantizer")
+    _require(isinstance(quantizer, dict) and isinstance(quantizer.get("group_size"), int)
+             and not isinstance(quantizer.get("group_size"), bool) and quantizer["group_size"] > 0,
+             p, "missing or invalid quantizer settings")
+    genes = data.get("genes")
+    _require(isinstance(genes, dict) and len(genes) > 0, p, "no genes")
+    for name, bits in genes.items():
+        _require(isinstance(bits, int) and not isinstance(bits, bool) and bits in VALID_BITS, p,
+                 f"gene {name[:60]!r} has invalid bits {str(bits)[:20]!r} (allowed: 2-8, 16)")
+    memory = data.get("memory_bytes")
+    _require(isinstance(memory, int) and not isinstance(memory, bool) and 0 < memory < 1 << 50, p,
+             "memory_bytes is not a positive integer")
+    granularity = data.get("granularity")
+    _require(granularity in ("block", "linear"), p, f"unknown granularity {str(granularity)[:20]!r}")
+    metrics = data.get("metrics", {})
+    source = data.get("source", {})
+    _require(isinstance(metrics, dict) and isinstance(source, dict), p, "metrics/source must be objects")
+    return Artifact(archetype=str(data.get("archetype", "custom")), model_id=model["id"],
+                    model_fingerprint=model["fingerprint"], quantizer=quantizer, granularity=granularity,
+                    genes={str(k): int(v) for k, v in genes.items()}, memory_bytes=memory, metrics=metrics,
+                    source=source, created=str(data.get("created", "")))
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not allowed")
+
+
+def finite_or_none(x) -> float | None:
+    """JSON has no NaN: metrics that could not be computed are written as null."""
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None

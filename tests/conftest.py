@@ -1,0 +1,60 @@
+"""Shared fixtures: a tiny randomly initialised Llama (fast unit tests) and the embedded SmolLM2."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Converted GGUF weights are cached across test runs (and CI steps) in one place.
+os.environ.setdefault("EMPAS_CACHE_DIR", str(Path(__file__).resolve().parent.parent / ".cache" / "empas"))
+
+
+class TinyTokenizer:
+    """Byte-level tokenizer: enough for the corpus and evaluation code paths."""
+
+    vocab_size = 259
+    eos_token_id = 258
+    pad_token_id = 258
+
+    def __call__(self, text, add_special_tokens=False, return_attention_mask=False, **kw):
+        return {"input_ids": list(text.encode("utf-8"))}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+def make_tiny_llama(seed: int = 0, layers: int = 3, hidden: int = 96, intermediate: int = 160):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=259, hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny_llama()
+
+
+@pytest.fixture
+def tiny_loaded():
+    from profiling.models import LoadedModel
+
+    return LoadedModel(make_tiny_llama(), TinyTokenizer(), model_id="tiny-llama", fingerprint="tiny" * 16,
+                       source_path="")
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """The embedded SmolLM2-135M (converted once, cached under .cache/)."""
+    from profiling.models import load_model
+
+    return load_model("default")
