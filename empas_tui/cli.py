@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_app(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
+    _log_engine_to_stderr()
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
@@ -68,6 +69,19 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("EMPAS_DEBUG"):
             raise
         return 2
+
+
+def _log_engine_to_stderr() -> None:
+    """Engine INFO messages (e.g. the one-off GGUF conversion) as short stderr lines; nothing else."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("empas: %(message)s"))
+    for name in ("profiling", "search", "storage"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        logger.addHandler(handler)
+        logger.propagate = False
 
 
 if __name__ == "__main__":  # pragma: no cover

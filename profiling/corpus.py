@@ -126,6 +126,14 @@ def _cut(ids: torch.Tensor, n_seq: int, length: int, what: str, available_hint: 
     return ids[:need].reshape(n_seq, length).contiguous()
 
 
+def validate_token_options(calib_tokens: int, heldout_tokens: int, seq_len: int, text_file=None) -> None:
+    """Cheap checks of the options, so bad input fails before a model is loaded."""
+    _shape_for(calib_tokens, seq_len)
+    _shape_for(heldout_tokens, seq_len)
+    if text_file is not None:
+        read_text_file(text_file)
+
+
 def build_token_sets(tokenizer, calib_tokens: int = 512, heldout_tokens: int = 512, seq_len: int = 128,
                      text_file: str | Path | None = None) -> TokenSets:
     """Deterministic, disjoint calibration and held-out token sets."""

@@ -166,7 +166,7 @@ def _load_gguf(path: Path, dtype: torch.dtype, model_id: str) -> LoadedModel:
     fingerprint = file_sha256(path)
     converted = cache_dir() / "converted" / fingerprint
     if not (converted / "config.json").is_file():
-        log.info("converting %s to safetensors (first load only)", path.name)
+        log.info("converting %s to dense safetensors in %s (first load only, ~25 s)", path.name, converted.parent)
         model, tokenizer = _from_pretrained(str(path.parent), dtype, gguf_file=path.name)
         _save_dense(model, tokenizer, converted)
         return LoadedModel(model, tokenizer, model_id=model_id, fingerprint=fingerprint,
@@ -197,6 +197,7 @@ def _quiet_transformers() -> None:
     """Keep transformers' progress bars and warnings off the user's terminal (and off the TUI)."""
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # GGUF conversion bars would draw over the TUI
     try:
         from transformers.utils import logging as hf_logging
 

@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .corpus import TokenSets, build_token_sets
+from .corpus import TokenSets, build_token_sets, validate_token_options
 from .inventory import Inventory, build_inventory, get_weight
 from .models import LoadedModel, load_model
 from .profile import METRICS, Profile, profile_key
@@ -202,6 +202,7 @@ def prepare(model: str | None = None, granularity: str = "block", metric: str = 
     if metric not in METRICS:
         raise ValueError(f"metric {metric!r} is not one of {', '.join(METRICS)}")
     quantizer = make_quantizer("rtn", group_size)
+    validate_token_options(calib_tokens, heldout_tokens, seq_len, text_file)  # fail before the slow load
     loaded = loaded or load_model(model)
     inventory = build_inventory(loaded.model, granularity)
     tokens = build_token_sets(loaded.tokenizer, calib_tokens, heldout_tokens, seq_len, text_file)

@@ -54,7 +54,10 @@ def check_reachable(url: str) -> None:
         raise StorageError(f"storage folder {path.parent} does not exist: create it or pass another --storage")
     try:
         engine = create_engine(url)
-    except (ArgumentError, NoSuchModuleError, ImportError, ValueError) as exc:
+    except (ModuleNotFoundError, NoSuchModuleError) as exc:
+        raise StorageError(f"no database driver for {redact(url)} ({exc}): for PostgreSQL run "
+                           f"`pip install 'psycopg[binary]'`") from None
+    except (ArgumentError, ImportError, ValueError) as exc:
         raise StorageError(f"storage URL {redact(url)} is not valid ({type(exc).__name__}): "
                            f"pass a file path or a SQLAlchemy URL like postgresql://user@host/db") from None
     try:
