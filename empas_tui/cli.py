@@ -34,8 +34,15 @@ def user_error_types() -> tuple[type[BaseException], ...]:
             StorageError, ValueError)
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse prints usage + error on bad options; EMPAS prints one line that names the fix."""
+
+    def error(self, message: str):
+        self.exit(2, f"empas: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="empas",
         description="Find per-layer bit-widths for a causal LM under a memory budget. "
                     "Run without arguments to open the terminal UI.")
@@ -52,7 +59,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_app(argv[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a bad option (2, message already printed)
+        return int(exc.code or 0)
     _log_engine_to_stderr()
     if not getattr(args, "handler", None):
         parser.print_help()
@@ -79,6 +89,9 @@ def _log_engine_to_stderr() -> None:
     handler.setFormatter(logging.Formatter("empas: %(message)s"))
     for name in ("profiling", "search", "storage"):
         logger = logging.getLogger(name)
+        if any(getattr(h, "_empas_cli", False) for h in logger.handlers):
+            continue
+        handler._empas_cli = True  # type: ignore[attr-defined]
         logger.setLevel(logging.INFO)
         logger.addHandler(handler)
         logger.propagate = False

@@ -58,3 +58,29 @@ def smollm():
     from profiling.models import load_model
 
     return load_model("default")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def storage_url(request, tmp_path):
+    """A fresh, empty storage of each kind (PostgreSQL: a new database per test)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'empas.db'}"
+        return
+    base = os.environ.get("EMPAS_TEST_POSTGRES_URL")
+    if not base:
+        pytest.skip("PostgreSQL not running: eval \"$(bash scripts/start_postgres.sh)\" to include it")
+    import uuid
+
+    from sqlalchemy import create_engine, text
+
+    name = f"empas_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(base, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = base.rsplit("/", 1)[0] + "/" + name
+    try:
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
