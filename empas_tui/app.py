@@ -123,7 +123,7 @@ class EmpasApp(App):
     CSS_PATH = "empas.tcss"
     BINDINGS = [
         Binding("question_mark", "help", "Help", key_display="?"),
-        Binding("l", "show_log", "Log"),
+        Binding("l", "show_log", "Log", show=False),
         Binding("w", "dashboard", "Dashboard"),
         Binding("ctrl+q", "quit", "Quit", priority=True),
     ]
@@ -173,7 +173,7 @@ class EmpasApp(App):
     def stop_dashboard(self) -> None:
         handle, self.dashboard = self.dashboard, None
         if handle is not None:
-            handle.stop()
+            handle.shutdown()
 
     def on_log_line(self, message: LogLine) -> None:
         from .screens.logview import LogScreen

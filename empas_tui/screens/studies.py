@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 from textual import on, work
 from textual.app import ComposeResult
@@ -17,9 +18,17 @@ from .state import RunConfig, one_line
 log = logging.getLogger(__name__)
 
 
-def _ago(ts: float | None) -> str:
+def _ago(ts) -> str:
+    """'5m ago' from a UNIX time or an ISO timestamp (local time), '-' if unknown."""
     if not ts:
         return "-"
+    if isinstance(ts, str):
+        try:
+            from datetime import datetime
+
+            ts = datetime.fromisoformat(ts).timestamp()
+        except ValueError:
+            return ts
     s = max(0.0, time.time() - ts)
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if s >= size:
@@ -61,7 +70,7 @@ The studies and cached sensitivity profiles in the storage shown at the top.
         Binding("n", "new", "New study"),
         Binding("enter", "open", "Open", show=True),
         Binding("d", "delete", "Delete"),
-        Binding("r", "refresh", "Refresh"),
+        Binding("r", "refresh", "Refresh", show=False),
     ]
     PALETTE = [
         ("Resume study", "Open the highlighted study and continue its search", "open"),
@@ -96,7 +105,7 @@ The studies and cached sensitivity profiles in the storage shown at the top.
         studies = self.query_one("#studies", DataTable)
         studies.add_columns("study", "model", "genes", "trials", "front", "updated")
         profiles = self.query_one("#profiles", DataTable)
-        profiles.add_columns("model", "genes", "metric", "entries", "calib tokens", "created")
+        profiles.add_columns("model", "genes", "metric", "entries", "calib tokens", "corpus")
         self.refresh_lists()
 
     def on_screen_resume(self) -> None:
@@ -126,21 +135,22 @@ The studies and cached sensitivity profiles in the storage shown at the top.
 
     def on_studies_screen_loaded(self, message: Loaded) -> None:
         self.studies = message.studies or []
-        self.profiles = sorted(message.profiles, key=lambda p: -float(p.get("created", 0) or 0))
+        self.profiles = list(message.profiles)
         table = self.query_one("#studies", DataTable)
         table.clear()
         for s in self.studies:
-            table.add_row(s.get("name", "?"), str(s.get("model", "-"))[-28:],
-                          f"{s.get('genes', '-')} {s.get('granularity', '')}".strip(),
-                          str(s.get("trials", 0)), str(s.get("front", "-")),
-                          _ago(s.get("updated")), key=s.get("name"))
+            other = sum((s.get("trials_other") or {}).values())
+            trials = f"{s.get('trials_complete', 0):,}" + (f" (+{other})" if other else "")
+            table.add_row(s.get("name", "?"), str(s.get("model") or "-")[-28:],
+                          f"{s.get('n_genes') or '-'} {s.get('granularity') or ''}".strip(), trials,
+                          str(s.get("front_size", "-")), _ago(s.get("last_update")), key=s.get("name"))
         ptable = self.query_one("#profiles", DataTable)
         ptable.clear()
         for p in self.profiles:
             genes = len(p.get("gene_names", []))
             ptable.add_row(str(p.get("model_id", "?"))[-28:], f"{genes} {p.get('granularity', '')}",
                            p.get("metric", "-"), str(p.get("entries", 0)), str(p.get("calibration_tokens", "-")),
-                           _ago(p.get("created")), key=p.get("key"))
+                           Path(str(p.get("corpus_source", "default"))).name, key=p.get("key"))
         hint = self.query_one("#studies-hint", Label)
         if message.error:
             hint.update(f"[b red]storage error:[/] {message.error}")

@@ -1,0 +1,482 @@
+"""Search: the live Pareto front of memory vs loss while NSGA-II runs, and the layers of any point.
+
+The worker calls ``search.study.run_search`` (one event per generation) and posts each event; the
+screen keeps the latest and redraws at most 4 times a second. Pausing asks the engine to stop after
+the generation in flight, which it writes in one transaction: the study is always consistent, and
+resuming (here, from the studies screen, or ``empas search`` with the same study name) continues with
+the next generation.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+
+import numpy as np
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.message import Message
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Header, Label
+from textual.worker import get_current_worker
+
+from ..widgets.bitstrip import BitStrip, bit_style, legend
+from ..widgets.pareto import ParetoPlot
+from .profile import fmt_seconds
+from .state import RunConfig, one_line
+
+log = logging.getLogger(__name__)
+
+REDRAW_SECONDS = 0.25
+NARROW_COLUMNS = 110
+MIB = 1024 * 1024
+
+
+def layer_rows(profile, bits: list[int]) -> list[tuple]:
+    """(index, layer, block, bits, params, predicted KL of that layer at its width) per gene."""
+    idx = profile.bit_index(bits)
+    return [(i, profile.gene_names[i], profile.gene_blocks[i], int(bits[i]), int(profile.gene_params[i]),
+             float(profile.sensitivity[i, idx[i]])) for i in range(profile.n_genes)]
+
+
+def point_summary(point, profile) -> str:
+    rise = 100.0 * math.expm1(point.predicted_loss - profile.base_loss)
+    text = (f"trial {point.trial_number}  {point.memory_bytes / MIB:.2f} MiB  avg {point.average_bits or 0:.2f} bits  "
+            f"predicted loss {point.predicted_loss:.4f} (PPL {math.exp(min(point.predicted_loss, 700)):.2f}, "
+            f"{rise:+.1f}%)")
+    if point.measured and point.measured.get("loss") is not None:
+        text += f"  measured loss {point.measured['loss']:.4f}"
+    return text
+
+
+class SearchScreen(Screen):
+    TITLE_TEXT = "Search"
+    HELP = """\
+NSGA-II evolves per-layer bit-widths; every trial is scored on two objectives: **memory** (from the
+quantiser's storage layout) and **predicted loss** (dense loss + the sum of the profiled layer
+sensitivities: a prediction, measured later on the archetypes screen).
+
+The plot: bright dots = the study's current Pareto front, grey dots = points of earlier fronts, green
+line = the *exact* front of the proxy (the best any search can reach on the predicted loss), magenta
+diamond = the selected point. *HV ratio* = hypervolume of the front / that of the exact front.
+
+| key | action |
+|---|---|
+| `up`/`down` | select a front point (or click it in the plot) |
+| `enter` | the selected point's layers in full screen |
+| `p` / `space` | pause (after the current generation; nothing is lost) / resume |
+| `a` | archetypes: pick, measure and export |
+| `escape` | back (pauses first) |
+"""
+    BINDINGS = [
+        Binding("p,space", "toggle", "Pause/Resume"),
+        Binding("a", "archetypes", "Archetypes"),
+        Binding("enter", "details", "Layers", show=False),
+        Binding("escape", "back", "Back"),
+    ]
+    PALETTE = [
+        ("Pause search", "Stop after the current generation (resume any time)", "toggle"),
+        ("Resume search", "Run more generations of this study", "toggle"),
+        ("Archetypes", "Pick, measure and export archetypes from this front", "archetypes"),
+        ("Point layers", "Show the selected point's bit-width per layer", "details"),
+    ]
+
+    class Loaded(Message):
+        def __init__(self, front) -> None:
+            super().__init__()
+            self.front = front
+
+    class Exact(Message):
+        def __init__(self, xy: np.ndarray, count: int) -> None:
+            super().__init__()
+            self.xy, self.count = xy, count
+
+    class Progress(Message):
+        def __init__(self, event) -> None:
+            super().__init__()
+            self.event = event
+
+    class Ended(Message):
+        def __init__(self, result=None, error: str = "") -> None:
+            super().__init__()
+            self.result, self.error = result, error
+
+    def __init__(self, study: str, cfg: RunConfig | None = None, profile=None, setup=None,
+                 start: bool = False) -> None:
+        super().__init__()
+        self.study = study
+        self.cfg = cfg
+        self.profile = profile
+        self.setup = setup  # the model/tokens of a profile run, reused to measure archetypes
+        self.autostart = start
+        self.state = "loading"  # loading | running | pausing | paused | done | failed
+        self.points: list = []
+        self.history: dict[tuple[int, float], None] = {}
+        self.exact_xy = np.zeros((0, 2))
+        self.exact_count = 0
+        self.selected_trial: int | None = None
+        self.event = None
+        self.settings: dict = {}
+        self.trials_total = 0
+        self.hv_ratio: float | None = None
+        self.evaluate = "proxy"
+        self.message = ""
+        self._dirty = self._table_dirty = True
+        self._stop = threading.Event()
+
+    @classmethod
+    def new(cls, cfg: RunConfig, profile, setup) -> "SearchScreen":
+        return cls(cfg.study, cfg, profile, setup, start=True)
+
+    @classmethod
+    def for_study(cls, name: str) -> "SearchScreen":
+        return cls(name)
+
+    # -- layout -----------------------------------------------------------------------------------
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield Label("", id="search-stats")
+        with Horizontal(id="search-main"):
+            yield ParetoPlot(id="pareto")
+            with Vertical(id="search-side"):
+                yield Label("Pareto front (memory ascending)", classes="section")
+                yield DataTable(id="front", cursor_type="row", zebra_stripes=True)
+                yield DataTable(id="layers", cursor_type="row", zebra_stripes=True)
+        yield Label("", id="point-line")
+        yield BitStrip(id="strip")
+        yield Label("", id="strip-legend")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.sub_title = f"search {self.study}"
+        front = self.query_one("#front", DataTable)
+        front.add_columns("trial", "MiB", "bits", "pred. PPL", "rise")
+        layers = self.query_one("#layers", DataTable)
+        layers.add_columns("layer", "bits", "params", "pred. KL")
+        self.set_interval(REDRAW_SECONDS, self._redraw)
+        self._apply_width(self.size.width)
+        front.focus()
+        if self.profile is not None:
+            self._compute_exact(self.profile, self.cfg)
+        if self.autostart:
+            self.start_run()
+        else:
+            self._load(self.app.storage_url, self.study)
+
+    def on_resize(self, event) -> None:
+        self._apply_width(event.size.width)
+
+    def _apply_width(self, width: int) -> None:
+        self.set_class(width < NARROW_COLUMNS, "narrow")
+
+    def check_action(self, action: str, parameters: tuple) -> bool | None:
+        if action == "toggle":
+            return self.state in ("running", "paused", "done", "failed")
+        if action == "archetypes":
+            return bool(self.points) or None
+        return True
+
+    # -- workers ----------------------------------------------------------------------------------
+
+    @work(thread=True, exclusive=True, group="search-load", exit_on_error=False)
+    def _load(self, url: str, name: str) -> None:
+        from search.study import load_front
+
+        try:
+            front = load_front(url, name)
+        except Exception as exc:
+            log.exception("loading study failed")
+            self.post_message(self.Ended(error=one_line(exc)))
+            return
+        self.post_message(self.Loaded(front))
+        self._exact_worker(front.profile, front.settings)
+
+    def _compute_exact(self, profile, cfg) -> None:
+        self._exact_thread(profile, {})
+
+    @work(thread=True, group="search-exact", exit_on_error=False)
+    def _exact_thread(self, profile, settings: dict) -> None:
+        self._exact_worker(profile, settings)
+
+    def _exact_worker(self, profile, settings: dict) -> None:
+        from search.space import SearchSpace
+        from search.study import SearchSettings, exact_points
+
+        try:
+            space = SearchSpace.from_profile(profile)
+            cons = SearchSettings(max_mib=settings.get("max_mib"), min_avg_bits=settings.get("min_avg_bits"))
+            pts = exact_points(space, cons)
+        except Exception:
+            log.exception("exact front failed")
+            return
+        xy = np.array([[p.memory_bytes / MIB, p.predicted_loss] for p in pts]) if pts else np.zeros((0, 2))
+        self.post_message(self.Exact(xy, len(pts)))
+
+    def start_run(self) -> None:
+        from search.study import SearchSettings
+
+        if self.profile is None:
+            self.notify("The study is still loading.", severity="warning")
+            return
+        if self.cfg is not None and self.state == "loading":  # a new study: the setup's choices
+            settings = SearchSettings(study_name=self.study, population=self.cfg.population,
+                                      generations=self.cfg.generations, seed=self.cfg.seed)
+        else:  # resume: the stored settings, this many more generations
+            gens = self.cfg.generations if self.cfg is not None else 20
+            settings = SearchSettings(study_name=self.study, generations=gens)
+        self._stop.clear()
+        self.state = "running"
+        self.message = "starting..."
+        self._dirty = True
+        self.refresh_bindings()
+        self._run(settings, self.profile, self.app.storage_url)
+
+    @work(thread=True, exclusive=True, group="search-run", exit_on_error=False)
+    def _run(self, settings, profile, url: str) -> None:
+        from search.study import run_search
+
+        worker = get_current_worker()
+
+        def should_stop() -> bool:
+            return self._stop.is_set() or worker.is_cancelled
+
+        try:
+            result = run_search(settings, profile, url, progress=lambda e: self.post_message(self.Progress(e)),
+                                should_stop=should_stop)
+        except Exception as exc:
+            log.exception("search failed")
+            self.post_message(self.Ended(error=one_line(exc)))
+            return
+        self.post_message(self.Ended(result))
+
+    # -- messages ---------------------------------------------------------------------------------
+
+    def on_search_screen_loaded(self, message: Loaded) -> None:
+        f = message.front
+        self.profile = f.profile
+        self.points = list(f.points)
+        self.settings = f.settings
+        self.trials_total = f.trials_complete
+        self.hv_ratio = f.hypervolume_ratio
+        self.evaluate = f.evaluate
+        self.state = "paused"
+        self.message = (f"loaded: {f.trials_complete} trials, {len(f.points)} front points. "
+                        f"Press [b]p[/] to run more generations, [b]a[/] for archetypes.")
+        if self.points and self.selected_trial is None:
+            self.selected_trial = self.points[len(self.points) // 2].trial_number
+        self._dirty = self._table_dirty = True
+        self.refresh_bindings()
+
+    def on_search_screen_exact(self, message: Exact) -> None:
+        self.exact_xy, self.exact_count = message.xy, message.count
+        self._dirty = True
+
+    def on_search_screen_progress(self, message: Progress) -> None:
+        e = message.event
+        self.event = e
+        self.trials_total = e.trials_total
+        self.hv_ratio = e.hypervolume_ratio
+        for p in self.points:  # what leaves the front stays visible, dimmed
+            self.history[(p.memory_bytes, p.loss)] = None
+        self.points = list(e.front)
+        if self.points and self.selected_trial is None:
+            self.selected_trial = self.points[len(self.points) // 2].trial_number
+        if e.kind == "start":
+            self.message = f"generation {e.generation}: running..."
+        self._dirty = self._table_dirty = True
+
+    def on_search_screen_ended(self, message: Ended) -> None:
+        if message.error:
+            self.state = "failed" if self.profile is not None else "failed"
+            self.message = f"[b red]error:[/] {message.error}"
+            self.notify(message.error, title="Search", severity="error", timeout=10)
+        else:
+            r = message.result
+            self.state = "paused" if r.stopped else "done"
+            self.points = list(r.front)
+            self.trials_total = r.trials_total
+            self.hv_ratio = r.hypervolume_ratio
+            self.evaluate = r.evaluate
+            self.settings = r.settings
+            what = "paused" if r.stopped else "finished"
+            self.message = (f"{what}: {r.trials_run} trials this run in {fmt_seconds(r.seconds)} "
+                            f"({r.trials_per_s:.0f}/s), {len(r.front)} front points. "
+                            f"[b]p[/] {'resume' if r.stopped else 'run more'}, [b]a[/] archetypes.")
+            self.notify(f"Search {what}: {len(r.front)} points on the front.", title=self.study)
+        self._dirty = self._table_dirty = True
+        self.refresh_bindings()
+        self._redraw()
+
+    # -- drawing ----------------------------------------------------------------------------------
+
+    def selected_index(self) -> int | None:
+        if not self.points:
+            return None
+        for i, p in enumerate(self.points):
+            if p.trial_number == self.selected_trial:
+                return i
+        return None
+
+    def selected_point(self):
+        i = self.selected_index()
+        return None if i is None else self.points[i]
+
+    def _stats_text(self) -> str:
+        e = self.event
+        parts = [f"[b]{self.study}[/]", self.state]
+        if e is not None:
+            parts += [f"gen {e.generation}", f"run {e.trials_done}/{e.trials_target}",
+                      f"{e.trials_per_s:.0f} trials/s", f"{fmt_seconds(e.elapsed)}"]
+        parts.append(f"{self.trials_total:,} trials")
+        if self.hv_ratio is not None:
+            parts.append(f"HV ratio {self.hv_ratio:.4f}")
+        parts.append(f"front {len(self.points)}")
+        return "  ".join(parts)
+
+    def _redraw(self) -> None:
+        if not self._dirty:
+            return
+        self._dirty = False
+        self.query_one("#search-stats", Label).update(self._stats_text())
+        if self._table_dirty:
+            self._table_dirty = False
+            self._fill_front()
+        sel = self.selected_index()
+        measured = self.evaluate == "measured"
+        front = np.array([[p.memory_bytes / MIB, p.loss] for p in self.points]) if self.points else np.zeros((0, 2))
+        hist = np.array([[m / MIB, l] for (m, l) in self.history]) if self.history else np.zeros((0, 2))
+        self.query_one(ParetoPlot).draw(front, hist, self.exact_xy if not measured else np.zeros((0, 2)), sel,
+                                        "measured loss" if measured else "predicted loss")
+        self._show_point()
+
+    def _fill_front(self) -> None:
+        table = self.query_one("#front", DataTable)
+        table.clear()
+        base = self.profile.base_loss if self.profile is not None else 0.0
+        for p in self.points:
+            ppl = math.exp(min(p.loss, 700.0))
+            rise = 100.0 * math.expm1(min(p.loss - base, 700.0))
+            table.add_row(str(p.trial_number), f"{p.memory_bytes / MIB:.2f}", f"{p.average_bits or 0:.2f}",
+                          f"{ppl:.4g}", f"{rise:+.1f}%", key=str(p.trial_number))
+        sel = self.selected_index()
+        if sel is not None:
+            table.move_cursor(row=sel, animate=False, scroll=True)
+
+    def _show_point(self) -> None:
+        p = self.selected_point()
+        line = self.query_one("#point-line", Label)
+        strip = self.query_one("#strip", BitStrip)
+        if p is None or self.profile is None:
+            line.update(self.message)
+            strip.show([])
+            self.query_one("#strip-legend", Label).update("")
+            return
+        line.update(Text.from_markup(self.message + "\n") + Text(point_summary(p, self.profile), style="bold"))
+        blocks = self.profile.gene_blocks if self.profile.granularity != "block" else None
+        strip.show(p.bits, blocks)
+        self.query_one("#strip-legend", Label).update(legend(sorted(set(self.profile.bits))))
+        layers = self.query_one("#layers", DataTable)
+        if layers.display and getattr(self, "_layers_for", None) != p.trial_number:
+            self._layers_for = p.trial_number
+            layers.clear()
+            for i, name, block, b, params, kl in layer_rows(self.profile, p.bits):
+                layers.add_row(name, Text(f" {b} ", style=bit_style(b)), f"{params:,}", f"{kl:.5f}")
+
+    # -- selection and actions --------------------------------------------------------------------
+
+    @on(DataTable.RowHighlighted, "#front")
+    def _front_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        if event.row_key is None or event.row_key.value is None:
+            return
+        trial = int(event.row_key.value)
+        if trial != self.selected_trial:
+            self.selected_trial = trial
+            self._dirty = True
+
+    @on(DataTable.RowSelected, "#front")
+    def _front_selected(self, event: DataTable.RowSelected) -> None:
+        self.action_details()
+
+    @on(ParetoPlot.PointClicked)
+    def _plot_clicked(self, event: ParetoPlot.PointClicked) -> None:
+        if 0 <= event.index < len(self.points):
+            self.selected_trial = self.points[event.index].trial_number
+            self.query_one("#front", DataTable).move_cursor(row=event.index)
+            self._dirty = True
+
+    def select_index(self, index: int) -> None:
+        """Select a front point by position (memory ascending), as the arrow keys do."""
+        self.query_one("#front", DataTable).move_cursor(row=index)
+        self.selected_trial = self.points[index].trial_number
+        self._dirty = True
+        self._redraw()
+
+    def action_toggle(self) -> None:
+        if self.state == "running":
+            self._stop.set()
+            self.state = "pausing"
+            self.message = "pausing after the current generation..."
+            self._dirty = True
+            self.refresh_bindings()
+        elif self.state in ("paused", "done", "failed") and self.profile is not None:
+            self.start_run()
+
+    def action_details(self) -> None:
+        p = self.selected_point()
+        if p is not None and self.profile is not None:
+            self.app.push_screen(PointScreen(self.study, p, self.profile))
+
+    def action_archetypes(self) -> None:
+        if not self.points:
+            return
+        if self.state == "running":
+            self.notify("The archetypes use the front as it is now; the search keeps running.", timeout=4)
+        from .archetypes import ArchetypesScreen
+
+        self.app.push_screen(ArchetypesScreen(self.study, self.cfg, self.setup))
+
+    def action_back(self) -> None:
+        if self.state == "running":
+            self.action_toggle()
+            self.notify("Pausing the search; escape again goes back.", timeout=3)
+            return
+        self.app.pop_screen()
+
+    def on_unmount(self) -> None:
+        self._stop.set()
+
+
+class PointScreen(Screen):
+    """One front point: the strip and the per-layer table, full screen (for small terminals)."""
+
+    TITLE_TEXT = "Point layers"
+    HELP = "The bit-width of every layer of the selected point, with its predicted contribution to the loss."
+    BINDINGS = [Binding("escape,enter,q", "app.pop_screen", "Back")]
+
+    def __init__(self, study: str, point, profile) -> None:
+        super().__init__()
+        self.study, self.point, self.profile = study, point, profile
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield Label(point_summary(self.point, self.profile), id="point-title")
+        yield BitStrip(id="point-strip")
+        yield Label(legend(sorted(set(self.profile.bits))))
+        yield DataTable(id="point-layers", cursor_type="row", zebra_stripes=True)
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.sub_title = f"{self.study} trial {self.point.trial_number}"
+        blocks = self.profile.gene_blocks if self.profile.granularity != "block" else None
+        self.query_one("#point-strip", BitStrip).show(self.point.bits, blocks)
+        table = self.query_one("#point-layers", DataTable)
+        table.add_columns("#", "layer", "block", "bits", "params", "pred. KL (nats)")
+        for i, name, block, b, params, kl in layer_rows(self.profile, self.point.bits):
+            table.add_row(str(i), name, str(block), Text(f" {b} ", style=bit_style(b)), f"{params:,}", f"{kl:.5f}")
+        table.focus()

@@ -1,0 +1,1 @@
+"""Reusable widgets of the EMPAS TUI (no engine logic)."""
