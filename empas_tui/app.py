@@ -17,6 +17,7 @@ from collections import deque
 from pathlib import Path
 from typing import Callable, Iterable
 
+from textual import work
 from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.message import Message
@@ -56,9 +57,18 @@ class RingHandler(logging.Handler):
 
 
 def log_file_path() -> Path:
-    from profiling.models import cache_dir
+    """``<cache>/logs/tui.log``; the cache folder rule of ``profiling.models.cache_dir``, without
+    importing it (that module imports torch, which would add seconds to the UI's start)."""
+    import os
 
-    return cache_dir() / "logs" / "tui.log"
+    env = os.environ.get("EMPAS_CACHE_DIR")
+    if env:
+        base = Path(env)
+    else:
+        from platformdirs import user_cache_dir
+
+        base = Path(user_cache_dir("empas"))
+    return base / "logs" / "tui.log"
 
 
 def route_library_logging(ring: RingHandler | None = None, path: Path | None = None) -> Path | None:
@@ -165,6 +175,18 @@ class EmpasApp(App):
         self.ring.app = self
         route_library_logging(self.ring)
         self.push_screen(StudiesScreen())
+        self._warm_up()
+
+    @work(thread=True, exit_on_error=False, group="warm-up")
+    def _warm_up(self) -> None:
+        """Import the engine (torch, transformers) in the background while the user reads the list."""
+        import importlib
+
+        for name in ("profiling.sensitivity", "profiling.models", "search.study"):
+            try:
+                importlib.import_module(name)
+            except ImportError:
+                pass
 
     def on_unmount(self) -> None:
         self.ring.app = None

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 REDRAW_SECONDS = 0.25
 NARROW_COLUMNS = 110
+RESUME_GENERATIONS = 10  # what "resume" adds to a study opened from the list
 MIB = 1024 * 1024
 
 
@@ -128,6 +129,9 @@ diamond = the selected point. *HV ratio* = hypervolume of the front / that of th
         self.message = ""
         self._dirty = self._table_dirty = True
         self._stop = threading.Event()
+        self.run_finished = threading.Event()  # set when the engine call has returned (tests, quitting)
+        self.run_finished.set()
+        self.more_generations = cfg.generations if cfg is not None else RESUME_GENERATIONS
 
     @classmethod
     def new(cls, cfg: RunConfig, profile, setup) -> "SearchScreen":
@@ -228,9 +232,9 @@ diamond = the selected point. *HV ratio* = hypervolume of the front / that of th
             settings = SearchSettings(study_name=self.study, population=self.cfg.population,
                                       generations=self.cfg.generations, seed=self.cfg.seed)
         else:  # resume: the stored settings, this many more generations
-            gens = self.cfg.generations if self.cfg is not None else 20
-            settings = SearchSettings(study_name=self.study, generations=gens)
+            settings = SearchSettings(study_name=self.study, generations=self.more_generations)
         self._stop.clear()
+        self.run_finished.clear()
         self.state = "running"
         self.message = "starting..."
         self._dirty = True
@@ -253,6 +257,8 @@ diamond = the selected point. *HV ratio* = hypervolume of the front / that of th
             log.exception("search failed")
             self.post_message(self.Ended(error=one_line(exc)))
             return
+        finally:
+            self.run_finished.set()
         self.post_message(self.Ended(result))
 
     # -- messages ---------------------------------------------------------------------------------

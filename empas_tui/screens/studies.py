@@ -106,9 +106,9 @@ The studies and cached sensitivity profiles in the storage shown at the top.
         studies.add_columns("study", "model", "genes", "trials", "front", "updated")
         profiles = self.query_one("#profiles", DataTable)
         profiles.add_columns("model", "genes", "metric", "entries", "calib tokens", "corpus")
-        self.refresh_lists()
 
     def on_screen_resume(self) -> None:
+        """Also sent when the screen is first shown: one listing, not two racing each other."""
         self.refresh_lists()
 
     def refresh_lists(self) -> None:
