@@ -13,6 +13,8 @@ import importlib
 import os
 import sys
 
+TUI_OPTIONS = ("--storage", "--model")  # `empas --storage X` opens the TUI on that storage
+
 COMMAND_MODULES = [
     "empas_tui.commands.profile",
 ]
@@ -54,10 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] == "tui":
+    if not argv or argv[0] == "tui" or argv[0].split("=")[0] in TUI_OPTIONS:
         from empas_tui.app import run_app
 
-        return run_app(argv[1:])
+        return run_app(argv[1:] if argv and argv[0] == "tui" else argv)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

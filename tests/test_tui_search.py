@@ -87,7 +87,7 @@ async def test_profile_search_select_measure_export(db, tiny_loaded, tmp_path):
         assert arch.query_one("#baselines", DataTable).row_count == len(
             [r for r in arch.result.rows if r.kind == "baseline"])
         table = arch.query_one("#arch-table", DataTable)
-        assert str(table.get_row_at(0)[6]) != "-"  # measured PPL shown next to the prediction
+        assert str(table.get_row_at(0)[5]) != "-"  # measured PPL shown next to the prediction
         target = tmp_path / "exported" / "balanced.json"
         target.parent.mkdir()
         await pilot.press("down")  # balanced

@@ -55,9 +55,11 @@ class ArchetypesScreen(Screen):
 - **balanced**: the knee of the front (farthest from the line joining its two ends, both axes scaled).
 - **max-compression**: the smallest point whose perplexity rise stays under 25%.
 
-*pred.* columns are the additive proxy on the calibration tokens (a prediction). **m** measures every
+*pred.ΔPPL* is the additive proxy's perplexity change on the calibration tokens (a prediction). **m**
+measures every
 archetype and the baselines (dense, uniform 8/4/3/2-bit RTN, llama.cpp Q4_K_M-style mix) on held-out
-tokens the profile never saw: PPL, PPL change vs dense, KL to dense. Memory is the memory model
+tokens the profile never saw: PPL, ΔPPL (change vs the dense model on the same tokens: compare it with
+pred.ΔPPL), KL to dense. Memory is the memory model
 (bit-packed codes + fp16 scale and zero per group), not a file size.
 
 | key | action |
@@ -113,9 +115,14 @@ tokens the profile never saw: PPL, PPL change vs dense, KL to dense. Memory is t
 
     def on_mount(self) -> None:
         self.sub_title = f"archetypes {self.study}"
-        self.query_one("#arch-table", DataTable).add_columns(
-            "archetype", "trial", "MiB", "avg bits", "pred. PPL", "pred. ΔPPL", "PPL", "ΔPPL", "KL")
-        self.query_one("#baselines", DataTable).add_columns("baseline", "MiB", "avg bits", "PPL", "ΔPPL", "KL",
+        table = self.query_one("#arch-table", DataTable)
+        # Fixed widths: the header stays aligned while measured values arrive. Predicted and measured
+        # PPL are on different tokens (calibration vs held-out), so the comparable numbers are the
+        # changes against dense on the same tokens: pred. ΔPPL vs ΔPPL.
+        for label, width in (("archetype", 15), ("trial", 5), ("MiB", 7), ("bits", 5), ("pred.ΔPPL", 9),
+                             ("PPL", 7), ("ΔPPL", 8), ("KL", 6)):
+            table.add_column(label, width=width)
+        self.query_one("#baselines", DataTable).add_columns("baseline", "MiB", "bits", "PPL", "ΔPPL", "KL",
                                                             "note")
         self.query_one("#measure-row").display = False
         self.query_one("#arch-table", DataTable).focus()
@@ -125,7 +132,7 @@ tokens the profile never saw: PPL, PPL change vs dense, KL to dense. Memory is t
         if action == "cancel":
             return self.measuring
         if action == "measure":
-            return (not self.measuring and bool(self.choices)) or None
+            return False if self.measuring else (bool(self.choices) or None)
         if action == "export":
             return bool(self.choices) or None
         return True
@@ -158,9 +165,10 @@ tokens the profile never saw: PPL, PPL change vs dense, KL to dense. Memory is t
         self.front, self.choices = message.front, message.choices
         p = self.front.profile
         basis = self.choices[0].basis if self.choices else "predicted"
+        dense = ", the dequantised Q4_1 GGUF" if p.model_id == "default" else ""
         info.update(f"{len(self.front.points)} front points of [b]{self.study}[/] ({p.model_id}, {p.granularity}); "
-                    f"chosen on {basis} loss. Dense loss {p.base_loss:.4f} (PPL {p.base_ppl:.2f}) measured "
-                    f"on calibration tokens.")
+                    f"chosen on {basis} loss. Dense{dense}: loss {p.base_loss:.4f} (PPL {p.base_ppl:.2f}) "
+                    f"measured on calibration tokens.")
         self.query_one("#arch-legend", Label).update(legend(sorted(set(p.bits))))
         self._fill()
         self.refresh_bindings()
@@ -175,21 +183,20 @@ tokens the profile never saw: PPL, PPL change vs dense, KL to dense. Memory is t
         p = self.front.profile
         for c in self.choices:
             pt = self.point_of(c)
-            pred_ppl = math.exp(min(pt.predicted_loss, 700.0))
             pred_rise = 100.0 * math.expm1(pt.predicted_loss - p.base_loss)
             row = self.rows.get(c.archetype)
-            table.add_row(c.archetype, str(pt.trial_number), f"{pt.memory_bytes / MIB:.2f}",
-                          f"{pt.average_bits or p.average_bits(pt.bits):.2f}", _num(pred_ppl), _pct(pred_rise),
+            table.add_row(c.archetype, str(pt.trial_number), f"{pt.memory_bytes / MIB:.1f}",
+                          f"{pt.average_bits or p.average_bits(pt.bits):.2f}", _pct(pred_rise),
                           _num(row.ppl) if row else "-", _pct(row.delta_ppl_pct) if row else "-",
-                          f"{row.kl:.4f}" if row else "-", key=c.archetype)
+                          f"{row.kl:.3f}" if row else "-", key=c.archetype)
         if table.row_count:
             table.move_cursor(row=min(keep, table.row_count - 1), animate=False)
         base = self.query_one("#baselines", DataTable)
         base.clear()
         for name, row in self.rows.items():
             if row.kind == "baseline":
-                base.add_row(name, f"{row.memory_mib:.2f}", f"{row.average_bits:.2f}", _num(row.ppl),
-                             _pct(row.delta_ppl_pct), f"{row.kl:.4f}", row.note[:60])
+                base.add_row(name, f"{row.memory_mib:.1f}", f"{row.average_bits:.2f}", _num(row.ppl),
+                             _pct(row.delta_ppl_pct), f"{row.kl:.3f}", row.note[:80])
         self._show_strip()
 
     def highlighted(self):

@@ -162,7 +162,7 @@ distribution to the dense model is **measured** on the calibration tokens (or es
         if action == "restart":
             return self.state in ("cancelled", "failed")
         if action == "search":
-            return True if self.state == "done" else None
+            return self.state == "done"
         return True
 
     def start(self) -> None:
@@ -251,8 +251,9 @@ distribution to the dense model is **measured** on the calibration tokens (or es
         self.done = self.total = p.n_genes * len(p.bits)
         self.state = "done"
         reused = f", {p.reused_entries} of {self.total} entries reused from the cache" if p.reused_entries else ""
+        dense = " (dense = the dequantised Q4_1 GGUF)" if p.model_id == "default" else ""
         self.status = (f"[b green]done[/] in {fmt_seconds(p.seconds)}{reused}. Dense loss {p.base_loss:.4f} "
-                       f"(PPL {p.base_ppl:.2f}) measured. Press [b]s[/] to search.")
+                       f"(PPL {p.base_ppl:.2f}) measured{dense}. Press [b]s[/] to search.")
         if p.reused_entries:
             self.notify(f"Reused {p.reused_entries} cached measurements.", title="Profile")
         self._dirty = self._rows_dirty = True
@@ -264,7 +265,7 @@ distribution to the dense model is **measured** on the calibration tokens (or es
         self.status = f"[b red]error:[/] {message.text}" if message.error else message.text
         if message.error:
             self.notify(message.text, title="Profiling failed", severity="error", timeout=10)
-        self._dirty = True
+        self._dirty = self._rows_dirty = True
         self.refresh_bindings()
         self._redraw()
 

@@ -34,8 +34,15 @@ log = logging.getLogger(__name__)
 
 REDRAW_SECONDS = 0.25
 NARROW_COLUMNS = 110
+PLOT_PPL_FACTOR = 2.0  # the plot shows points up to this multiple of the dense perplexity (z: all)
 RESUME_GENERATIONS = 10  # what "resume" adds to a study opened from the list
 MIB = 1024 * 1024
+
+
+def rise_text(delta_loss: float) -> str:
+    """PPL change over dense: '+3.2%' when small, 'x41' when the genome ruins the model."""
+    ratio = math.exp(min(delta_loss, 700.0))
+    return f"{100.0 * (ratio - 1):+.1f}%" if ratio < 10 else f"x{ratio:.3g}"
 
 
 def layer_rows(profile, bits: list[int]) -> list[tuple]:
@@ -46,10 +53,9 @@ def layer_rows(profile, bits: list[int]) -> list[tuple]:
 
 
 def point_summary(point, profile) -> str:
-    rise = 100.0 * math.expm1(point.predicted_loss - profile.base_loss)
     text = (f"trial {point.trial_number}  {point.memory_bytes / MIB:.2f} MiB  avg {point.average_bits or 0:.2f} bits  "
-            f"predicted loss {point.predicted_loss:.4f} (PPL {math.exp(min(point.predicted_loss, 700)):.2f}, "
-            f"{rise:+.1f}%)")
+            f"predicted loss {point.predicted_loss:.4f} (PPL {math.exp(min(point.predicted_loss, 700)):.4g}, "
+            f"{rise_text(point.predicted_loss - profile.base_loss)})")
     if point.measured and point.measured.get("loss") is not None:
         text += f"  measured loss {point.measured['loss']:.4f}"
     return text
@@ -71,6 +77,7 @@ diamond = the selected point. *HV ratio* = hypervolume of the front / that of th
 | `up`/`down` | select a front point (or click it in the plot) |
 | `enter` | the selected point's layers in full screen |
 | `p` / `space` | pause (after the current generation; nothing is lost) / resume |
+| `z` | plot: points up to 2x the dense perplexity (default) / everything |
 | `a` | archetypes: pick, measure and export |
 | `escape` | back (pauses first) |
 """
@@ -78,6 +85,7 @@ diamond = the selected point. *HV ratio* = hypervolume of the front / that of th
         Binding("p,space", "toggle", "Pause/Resume"),
         Binding("a", "archetypes", "Archetypes"),
         Binding("enter", "details", "Layers", show=False),
+        Binding("z", "zoom", "Zoom", show=False),
         Binding("escape", "back", "Back"),
     ]
     PALETTE = [
@@ -127,6 +135,9 @@ diamond = the selected point. *HV ratio* = hypervolume of the front / that of th
         self.hv_ratio: float | None = None
         self.evaluate = "proxy"
         self.message = ""
+        self.full_range = False
+        self.clipped = False
+        self._layers_for: int | None = None
         self._dirty = self._table_dirty = True
         self._stop = threading.Event()
         self.run_finished = threading.Event()  # set when the engine call has returned (tests, quitting)
@@ -149,7 +160,7 @@ diamond = the selected point. *HV ratio* = hypervolume of the front / that of th
         with Horizontal(id="search-main"):
             yield ParetoPlot(id="pareto")
             with Vertical(id="search-side"):
-                yield Label("Pareto front (memory ascending)", classes="section")
+                yield Label("Pareto front (predicted PPL)", classes="section")
                 yield DataTable(id="front", cursor_type="row", zebra_stripes=True)
                 yield DataTable(id="layers", cursor_type="row", zebra_stripes=True)
         yield Label("", id="point-line")
@@ -160,7 +171,7 @@ diamond = the selected point. *HV ratio* = hypervolume of the front / that of th
     def on_mount(self) -> None:
         self.sub_title = f"search {self.study}"
         front = self.query_one("#front", DataTable)
-        front.add_columns("trial", "MiB", "bits", "pred. PPL", "rise")
+        front.add_columns("trial", "MiB", "bits", "PPL", "rise")
         layers = self.query_one("#layers", DataTable)
         layers.add_columns("layer", "bits", "params", "pred. KL")
         self.set_interval(REDRAW_SECONDS, self._redraw)
@@ -175,6 +186,8 @@ diamond = the selected point. *HV ratio* = hypervolume of the front / that of th
 
     def on_resize(self, event) -> None:
         self._apply_width(event.size.width)
+        self._layers_for = None  # the per-layer table may have just appeared
+        self._dirty = True
 
     def _apply_width(self, width: int) -> None:
         self.set_class(width < NARROW_COLUMNS, "narrow")
@@ -343,13 +356,14 @@ diamond = the selected point. *HV ratio* = hypervolume of the front / that of th
         if self.hv_ratio is not None:
             parts.append(f"HV ratio {self.hv_ratio:.4f}")
         parts.append(f"front {len(self.points)}")
+        if self.clipped:
+            parts.append(f"[dim]plot: PPL <= {PLOT_PPL_FACTOR:g}x dense (z: all)[/]")
         return "  ".join(parts)
 
     def _redraw(self) -> None:
         if not self._dirty:
             return
         self._dirty = False
-        self.query_one("#search-stats", Label).update(self._stats_text())
         if self._table_dirty:
             self._table_dirty = False
             self._fill_front()
@@ -357,8 +371,18 @@ diamond = the selected point. *HV ratio* = hypervolume of the front / that of th
         measured = self.evaluate == "measured"
         front = np.array([[p.memory_bytes / MIB, p.loss] for p in self.points]) if self.points else np.zeros((0, 2))
         hist = np.array([[m / MIB, l] for (m, l) in self.history]) if self.history else np.zeros((0, 2))
+        label = "measured loss" if measured else "predicted loss"
+        y_max = None
+        self.clipped = False
+        if not self.full_range and self.profile is not None:
+            y_max = self.profile.base_loss + math.log(PLOT_PPL_FACTOR)
+            if not len(front) or (front[:, 1] > y_max).all():
+                y_max = None  # nothing that good yet: show everything rather than an empty plot
+            else:
+                self.clipped = True
         self.query_one(ParetoPlot).draw(front, hist, self.exact_xy if not measured else np.zeros((0, 2)), sel,
-                                        "measured loss" if measured else "predicted loss")
+                                        label, y_max)
+        self.query_one("#search-stats", Label).update(self._stats_text())
         self._show_point()
 
     def _fill_front(self) -> None:
@@ -367,9 +391,8 @@ diamond = the selected point. *HV ratio* = hypervolume of the front / that of th
         base = self.profile.base_loss if self.profile is not None else 0.0
         for p in self.points:
             ppl = math.exp(min(p.loss, 700.0))
-            rise = 100.0 * math.expm1(min(p.loss - base, 700.0))
-            table.add_row(str(p.trial_number), f"{p.memory_bytes / MIB:.2f}", f"{p.average_bits or 0:.2f}",
-                          f"{ppl:.4g}", f"{rise:+.1f}%", key=str(p.trial_number))
+            table.add_row(str(p.trial_number), f"{p.memory_bytes / MIB:.1f}", f"{p.average_bits or 0:.2f}",
+                          f"{ppl:.4g}", rise_text(p.loss - base), key=str(p.trial_number))
         sel = self.selected_index()
         if sel is not None:
             table.move_cursor(row=sel, animate=False, scroll=True)
@@ -388,7 +411,7 @@ diamond = the selected point. *HV ratio* = hypervolume of the front / that of th
         strip.show(p.bits, blocks)
         self.query_one("#strip-legend", Label).update(legend(sorted(set(self.profile.bits))))
         layers = self.query_one("#layers", DataTable)
-        if layers.display and getattr(self, "_layers_for", None) != p.trial_number:
+        if layers.display and self._layers_for != p.trial_number:
             self._layers_for = p.trial_number
             layers.clear()
             for i, name, block, b, params, kl in layer_rows(self.profile, p.bits):
@@ -432,6 +455,11 @@ diamond = the selected point. *HV ratio* = hypervolume of the front / that of th
             self.refresh_bindings()
         elif self.state in ("paused", "done", "failed") and self.profile is not None:
             self.start_run()
+
+    def action_zoom(self) -> None:
+        self.full_range = not self.full_range
+        self._dirty = True
+        self._redraw()
 
     def action_details(self) -> None:
         p = self.selected_point()

@@ -69,6 +69,7 @@ storage, so the same model + calibration + quantiser is profiled only once.
         self.cfg = cfg or RunConfig()
         self.existing: set[str] = set()
         self.errors: dict[str, str] = {}
+        self._auto_name = ""  # the study name we suggested; replaced as the model/granularity change
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -113,8 +114,19 @@ storage, so the same model + calibration + quantiser is profiled only once.
     def _names_loaded(self, names: set[str]) -> None:
         self.existing = names
         study = self.query_one("#study", Input)
-        if not study.value.strip() or study.value.strip() in names:
-            study.value = suggest_study_name(self.cfg, names)
+        if not study.value.strip() or study.value.strip() in names or study.value == self.cfg.study:
+            self._suggest_name()
+
+    def _suggest_name(self) -> None:
+        """Name the study after the model, granularity and metric until the user types a name."""
+        study = self.query_one("#study", Input)
+        if study.value.strip() and study.value != self._auto_name and study.value != self.cfg.study:
+            return
+        cfg = self.cfg.with_(model=self.query_one("#model", Input).value.strip() or "default",
+                             granularity=self.query_one("#granularity", Select).value,
+                             metric=self.query_one("#metric", Select).value)
+        self._auto_name = suggest_study_name(cfg, self.existing)
+        study.value = self._auto_name
 
     # -- checks -------------------------------------------------------------------------------------
 
@@ -145,10 +157,13 @@ storage, so the same model + calibration + quantiser is profiled only once.
     def _changed(self, event: Input.Changed) -> None:
         if event.input.id in FIELD_CHECKS or event.input.id == "study":
             self._check(event.input.id, event.value)
+            if event.input.id == "model":
+                self._suggest_name()
             self._update_summary()
 
     @on(Select.Changed)
     def _select_changed(self, event: Select.Changed) -> None:
+        self._suggest_name()
         self._update_summary()
 
     def _update_summary(self) -> None:

@@ -47,11 +47,11 @@ class RunConfig:
 STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
-def _int(text: str, what: str, low: int, high: int) -> int:
+def _int(text: str, what: str, low: int, high: int, example: int) -> int:
     try:
-        value = int(text.strip().replace("_", ""))
+        value = int(text.strip().replace("_", "").replace(",", ""))
     except ValueError:
-        raise ValueError(f"{what} must be a whole number, e.g. {low if low > 1 else 512}") from None
+        raise ValueError(f"{what} must be a whole number, e.g. {example}") from None
     if not low <= value <= high:
         raise ValueError(f"{what} must be between {low} and {high:,}")
     return value
@@ -77,7 +77,7 @@ def check_bits(text: str) -> list[int]:
 def check_group_size(text: str) -> int:
     from profiling.quantizer import make_quantizer
 
-    value = _int(text, "group size", 1, 1 << 16)
+    value = _int(text, "group size", 1, 1 << 16, 64)
     make_quantizer("rtn", value)
     return value
 
@@ -109,13 +109,13 @@ FIELD_CHECKS = {
     "model": check_model,
     "bits": check_bits,
     "group_size": check_group_size,
-    "calib_tokens": lambda t: _int(t, "calibration tokens", 8, 10_000_000),
-    "heldout_tokens": lambda t: _int(t, "held-out tokens", 8, 10_000_000),
-    "seq_len": lambda t: _int(t, "sequence length", 8, 32_768),
+    "calib_tokens": lambda t: _int(t, "calibration tokens", 8, 10_000_000, 512),
+    "heldout_tokens": lambda t: _int(t, "held-out tokens", 8, 10_000_000, 512),
+    "seq_len": lambda t: _int(t, "sequence length", 8, 32_768, 128),
     "text_file": check_text_file,
-    "population": lambda t: _int(t, "population", 4, 10_000),
-    "generations": lambda t: _int(t, "generations", 1, 100_000),
-    "seed": lambda t: _int(t, "seed", 0, 2**31 - 1),
+    "population": lambda t: _int(t, "population", 4, 10_000, 32),
+    "generations": lambda t: _int(t, "generations", 1, 100_000, 20),
+    "seed": lambda t: _int(t, "seed", 0, 2**31 - 1, 0),
 }
 
 
@@ -136,7 +136,7 @@ def suggest_study_name(cfg: RunConfig, existing: set[str]) -> str:
 
     base = Path(cfg.model).name if cfg.model not in ("", "default") else "smollm2"
     base = re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-._") or "study"
-    base = f"{base}-{cfg.granularity}"
+    base = f"{base}-{cfg.granularity}" + ("" if cfg.metric == "kl" else f"-{cfg.metric}")
     name, n = base, 2
     while name in existing:
         name, n = f"{base}-{n}", n + 1
