@@ -26,10 +26,14 @@ from .state import one_line
 log = logging.getLogger(__name__)
 
 
-def ssh_hint(port: int) -> str:
-    """The tunnel command to run on the laptop: this machine's name as the user would reach it."""
-    user = os.environ.get("USER") or getpass.getuser()
-    host = socket.gethostname()
+def ssh_hint(port: int, environ=os.environ) -> str:
+    """The tunnel command to run on the laptop. Inside an SSH session the address the user connected
+    to (``SSH_CONNECTION``'s third field) is the one that works from the laptop; else the host name."""
+    user = environ.get("USER") or getpass.getuser()
+    parts = environ.get("SSH_CONNECTION", "").split()
+    host = parts[2] if len(parts) >= 4 else socket.gethostname()
+    if ":" in host:  # IPv6
+        host = f"[{host}]"
     return f"ssh -N -L {port}:127.0.0.1:{port} {user}@{host}"
 
 
