@@ -708,7 +708,7 @@ def run_search(settings: SearchSettings, profile: Profile, storage_url: str | No
         study_id = _create_study(storage, name, profile, settings)
         run.study_id = study_id
     else:
-        storage.set_study_user_attr(study_id, ATTR + "settings", settings.stored())
+        st.set_study_user_attrs(storage, study_id, {ATTR + "settings": settings.stored()})
     next_gen, missing = run.load_existing()
     seed_extra: list[np.ndarray] = []
     if settings.seed_from:
@@ -796,15 +796,16 @@ def _create_study(storage, name: str, profile: Profile, settings: SearchSettings
         raise SearchError(f"study {name!r} was just created by another process: run the command again") from None
     loss_name = "measured_loss" if settings.evaluate == "measured" else "predicted_loss"
     storage.set_study_system_attr(study_id, "study:metric_names", [loss_name, "memory_bytes"])
-    for key, value in (("model_id", profile.model_id), ("model_fingerprint", profile.model_fingerprint),
-                       ("granularity", profile.granularity), ("metric", profile.metric), ("bits", list(profile.bits)),
-                       ("n_genes", profile.n_genes), ("quantizer", profile.quantizer), ("profile_key", profile.key),
-                       ("evaluate", settings.evaluate), ("settings", settings.stored()),
-                       ("genome_attr", f"trial user attribute {st.BITS_ATTR!r}: one bit-width per gene, "
-                                       f"in the order of the profile's gene_names")):
-        storage.set_study_user_attr(study_id, ATTR + key, value)
-    st.set_study_json(storage, study_id, ATTR + "profile", profile.to_dict())
-    storage.set_study_user_attr(study_id, ATTR + "schema", SCHEMA)  # last: marks the study complete
+    attrs = {ATTR + key: value for key, value in (
+        ("model_id", profile.model_id), ("model_fingerprint", profile.model_fingerprint),
+        ("granularity", profile.granularity), ("metric", profile.metric), ("bits", list(profile.bits)),
+        ("n_genes", profile.n_genes), ("quantizer", profile.quantizer), ("profile_key", profile.key),
+        ("evaluate", settings.evaluate), ("settings", settings.stored()),
+        ("genome_attr", f"trial user attribute {st.BITS_ATTR!r}: one bit-width per gene, in the order of "
+                        f"the profile's gene_names"))}
+    attrs.update(st.json_chunks(ATTR + "profile", profile.to_dict()))
+    attrs[ATTR + "schema"] = SCHEMA  # marks the study complete: written in the same transaction
+    st.set_study_user_attrs(storage, study_id, attrs)
     return study_id
 
 
@@ -881,6 +882,20 @@ def exact_points(space: SearchSpace, settings: SearchSettings | None = None) -> 
             for i in np.flatnonzero(ok)]
 
 
+def study_info(storage_url: str | None, study_name: str) -> dict | None:
+    """The stored profile, settings and evaluate mode of an EMPAS study, or None if there is no such study."""
+    url = resolve_storage_url(storage_url)
+    storage = st.open_storage(url)
+    study_id = _study_id(storage, study_name)
+    if study_id is None:
+        return None
+    attrs = storage.get_study_user_attrs(study_id)
+    if attrs.get(ATTR + "schema") is None:
+        raise SearchError(f"study {study_name!r} is not an EMPAS study: pass another --study")
+    return {"profile": _stored_profile(attrs, study_name), "settings": dict(attrs.get(ATTR + "settings") or {}),
+            "evaluate": attrs.get(ATTR + "evaluate", "proxy")}
+
+
 def list_studies(storage_url: str | None) -> list[dict]:
     """One dict per study in the storage: name, model, granularity, genes, trials, front summary, last update."""
     url = resolve_storage_url(storage_url)
@@ -926,4 +941,5 @@ def delete_study(storage_url: str | None, name: str) -> None:
 
 
 __all__ = ["SearchSettings", "SearchEvent", "SearchResult", "FrontPoint", "FrontData", "SearchError",
-           "run_search", "list_studies", "load_front", "delete_study", "default_study_name", "exact_points"]
+           "run_search", "list_studies", "load_front", "delete_study", "default_study_name", "exact_points",
+           "study_info"]

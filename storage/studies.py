@@ -76,15 +76,109 @@ def storage_error(url: str, exc: BaseException) -> StorageError:
     return StorageError(f"storage {redact(url)} failed: {reason}{hint}")
 
 
+def _fast_storage_class():
+    """An ``RDBStorage`` whose ``get_all_trials`` reads with a few column-wise SELECTs and parses each
+    distinct distribution JSON once, instead of Optuna's ORM path (an object and a ``json.loads`` per
+    parameter row). Same schema, same FrozenTrials; used to serve optuna-dashboard."""
+    import copy
+
+    import optuna
+    from optuna.distributions import json_to_distribution
+    from optuna.trial import FrozenTrial, TrialState
+
+    class FastReadRDBStorage(optuna.storages.RDBStorage):
+        def get_all_trials(self, study_id, deepcopy=True, states=None):
+            trials = read_frozen_trials(self, study_id, states)
+            return copy.deepcopy(trials) if deepcopy else trials
+
+    def read_frozen_trials(storage, study_id, states=None):
+        from optuna.storages._rdb.models import TrialIntermediateValueModel, TrialValueModel
+
+        m = _models()
+        t, v, p = m.TrialModel.__table__, m.TrialValueModel.__table__, m.TrialParamModel.__table__
+        ua, sa = m.TrialUserAttributeModel.__table__, m.TrialSystemAttributeModel.__table__
+        iv = m.TrialIntermediateValueModel.__table__
+        query = select(t.c.trial_id, t.c.number, t.c.state, t.c.datetime_start, t.c.datetime_complete) \
+            .where(t.c.study_id == study_id).order_by(t.c.trial_id)
+        if states is not None:
+            query = query.where(t.c.state.in_(list(states)))
+        in_study = select(t.c.trial_id).where(t.c.study_id == study_id)
+        dists: dict[str, Any] = {}
+        with storage.engine.connect() as conn:
+            rows = conn.execute(query).all()
+            wanted = {r[0] for r in rows}
+            values: dict[int, dict[int, float]] = {}
+            for tid, obj, val, vtype in conn.execute(select(v.c.trial_id, v.c.objective, v.c.value, v.c.value_type)
+                                                     .where(v.c.trial_id.in_(in_study))):
+                values.setdefault(tid, {})[obj] = TrialValueModel.stored_repr_to_value(val, vtype)
+            params: dict[int, dict[str, Any]] = {}
+            pdists: dict[int, dict[str, Any]] = {}
+            for tid, name, val, djson in conn.execute(
+                    select(p.c.trial_id, p.c.param_name, p.c.param_value, p.c.distribution_json)
+                    .where(p.c.trial_id.in_(in_study)).order_by(p.c.param_id)):
+                d = dists.get(djson)
+                if d is None:
+                    d = dists[djson] = json_to_distribution(djson)
+                params.setdefault(tid, {})[name] = d.to_external_repr(val)
+                pdists.setdefault(tid, {})[name] = d
+            attrs = []
+            for table in (ua, sa):
+                out: dict[int, dict[str, Any]] = {}
+                for tid, key, vjson in conn.execute(select(table.c.trial_id, table.c.key, table.c.value_json)
+                                                    .where(table.c.trial_id.in_(in_study))):
+                    out.setdefault(tid, {})[key] = json.loads(vjson)
+                attrs.append(out)
+            inter: dict[int, dict[int, float]] = {}
+            for tid, step, val, vtype in conn.execute(
+                    select(iv.c.trial_id, iv.c.step, iv.c.intermediate_value, iv.c.intermediate_value_type)
+                    .where(iv.c.trial_id.in_(in_study))):
+                inter.setdefault(tid, {})[step] = \
+                    TrialIntermediateValueModel.stored_repr_to_intermediate_value(val, vtype)
+        trials = []
+        for tid, number, state, start, complete in rows:
+            vals = values.get(tid)
+            trials.append(FrozenTrial(
+                number=number, state=state if isinstance(state, TrialState) else TrialState[state], value=None,
+                values=[vals[k] for k in sorted(vals)] if vals else None,
+                datetime_start=utc_to_local(start), datetime_complete=utc_to_local(complete),
+                params=params.get(tid, {}), distributions=pdists.get(tid, {}), user_attrs=attrs[0].get(tid, {}),
+                system_attrs=attrs[1].get(tid, {}), intermediate_values=inter.get(tid, {}), trial_id=tid))
+        del wanted
+        return trials
+
+    return FastReadRDBStorage, read_frozen_trials
+
+
+def open_fast_read_storage(url: str | None = None):
+    """Like :func:`open_storage`, with the fast ``get_all_trials`` (for optuna-dashboard)."""
+    base = open_storage(url)
+    cls, _ = _fast_storage_class()
+    return cls(base.url, engine_kwargs=base.engine_kwargs, skip_compatibility_check=True)
+
+
 # -- chunked JSON study attributes ---------------------------------------------------------------
 
-def set_study_json(storage, study_id: int, key: str, obj: Any, chunk_chars: int = CHUNK_CHARS) -> None:
-    """Store ``obj`` as ``key`` = {"chunks": n, "chars": total} plus ``key:0`` .. ``key:n-1`` strings."""
+def set_study_user_attrs(storage, study_id: int, attrs: dict[str, Any]) -> None:
+    """Set several study user attributes in one transaction (Optuna's API commits each one)."""
+    t = _models().StudyUserAttributeModel.__table__
+    rows = [{"study_id": study_id, "key": k, "value_json": json.dumps(v)} for k, v in attrs.items()]
+    with storage.engine.begin() as conn:
+        conn.execute(t.delete().where(t.c.study_id == study_id, t.c.key.in_(list(attrs))))
+        if rows:
+            conn.execute(t.insert(), rows)
+
+
+def json_chunks(key: str, obj: Any, chunk_chars: int = CHUNK_CHARS) -> dict[str, Any]:
+    """``obj`` as attributes ``key`` = {"chunks": n, "chars": total} and ``key:0`` .. ``key:n-1`` strings."""
     text = json.dumps(obj, separators=(",", ":"), allow_nan=False)
     n = max(1, math.ceil(len(text) / chunk_chars))
-    for i in range(n):
-        storage.set_study_user_attr(study_id, f"{key}:{i}", text[i * chunk_chars:(i + 1) * chunk_chars])
-    storage.set_study_user_attr(study_id, key, {"chunks": n, "chars": len(text)})
+    out: dict[str, Any] = {f"{key}:{i}": text[i * chunk_chars:(i + 1) * chunk_chars] for i in range(n)}
+    out[key] = {"chunks": n, "chars": len(text)}
+    return out
+
+
+def set_study_json(storage, study_id: int, key: str, obj: Any, chunk_chars: int = CHUNK_CHARS) -> None:
+    set_study_user_attrs(storage, study_id, json_chunks(key, obj, chunk_chars))
 
 
 def get_study_json(user_attrs: dict, key: str) -> Any:
