@@ -28,16 +28,15 @@ from __future__ import annotations
 import math
 import re
 import time
-import warnings
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
 from profiling.profile import Profile
 from storage import studies as st
-from storage.urls import StorageError, redact, resolve_storage_url
+from storage.urls import redact, resolve_storage_url
 
 from .exact_front import ExactFront, front_for_space
 from .hypervolume import FrontScale

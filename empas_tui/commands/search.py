@@ -116,7 +116,7 @@ def run(args) -> int:
         args.granularity = args.granularity or "block"
         args.bits = args.bits or "2,4,8,16"
         setup, bits, store = open_setup_and_store(args)
-        bar = ProgressBar("profiling", enabled=not args.json)
+        bar = ProgressBar("profiling", enabled=not args.json, stream=sys.stderr)
         profile = run_profile(setup, bits, store,
                               progress=lambda e: bar.update(e.done, e.total, f"{e.gene}@{e.bits}" if e.gene else "",
                                                             e.eta_seconds))
@@ -126,7 +126,7 @@ def run(args) -> int:
 
             runner = PrefixRunner(setup.loaded.model, setup.inventory, setup.tokens.calibration)
     stop = threading.Event()
-    bar = ProgressBar("searching", enabled=not args.json)
+    bar = ProgressBar("searching", enabled=not args.json, stream=sys.stderr)
 
     def progress(event) -> None:
         hv = f" HV {event.hypervolume_ratio:.4f}" if event.hypervolume_ratio is not None else ""
