@@ -17,6 +17,7 @@ TUI_OPTIONS = ("--storage", "--model")  # `empas --storage X` opens the TUI on t
 
 COMMAND_MODULES = [
     "empas_tui.commands.profile",
+    "empas_tui.commands.search",
 ]
 
 
