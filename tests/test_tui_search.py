@@ -10,7 +10,19 @@ import pytest
 from textual.widgets import DataTable, Input
 
 pytest.importorskip("search.study", reason="the search engine (issue 3) is not merged yet")
-pytest.importorskip("search.archetypes", reason="the archetypes engine (issue 4) is not merged yet")
+
+
+def _archetypes_engine() -> bool:
+    try:
+        from profiling.validation import prepare_validation  # noqa: F401
+        from search.archetypes import select_archetypes  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_archetypes = pytest.mark.skipif(not _archetypes_engine(),
+                                      reason="the archetypes/validation engine (issue 4) is not merged yet")
 
 from empas_tui.app import EmpasApp  # noqa: E402
 from tui_helpers import assert_fits, profile_small, screen_name, wait_for  # noqa: E402
@@ -45,6 +57,7 @@ async def run_search_from_profile(pilot) -> object:
     return screen
 
 
+@needs_archetypes
 async def test_profile_search_select_measure_export(db, tiny_loaded, tmp_path):
     from storage.artifacts import load_artifact
 
@@ -104,6 +117,7 @@ async def test_profile_search_select_measure_export(db, tiny_loaded, tmp_path):
         assert artifact.metrics["predicted"]["memory_bytes"] == chosen.memory_bytes
 
 
+@needs_archetypes
 async def test_export_prompt_refuses_a_missing_folder(db, tiny_loaded, tmp_path):
     app = make_app(db, tiny_loaded)
     async with app.run_test(size=(80, 24)) as pilot:

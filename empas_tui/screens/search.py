@@ -39,6 +39,13 @@ RESUME_GENERATIONS = 10  # what "resume" adds to a study opened from the list
 MIB = 1024 * 1024
 
 
+def archetypes_available() -> bool:
+    """The archetypes screen needs ``search.archetypes`` and ``profiling.validation`` (issue 4)."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("search.archetypes", "profiling.validation"))
+
+
 def rise_text(delta_loss: float) -> str:
     """PPL change over dense: '+3.2%' when small, 'x41' when the genome ruins the model."""
     ratio = math.exp(min(delta_loss, 700.0))
@@ -196,6 +203,8 @@ diamond = the selected point. *HV ratio* = hypervolume of the front / that of th
         if action == "toggle":
             return self.state in ("running", "paused", "done", "failed")
         if action == "archetypes":
+            if not archetypes_available():
+                return False
             return bool(self.points) or None
         return True
 
@@ -467,7 +476,7 @@ diamond = the selected point. *HV ratio* = hypervolume of the front / that of th
             self.app.push_screen(PointScreen(self.study, p, self.profile))
 
     def action_archetypes(self) -> None:
-        if not self.points:
+        if not self.points or not archetypes_available():
             return
         if self.state == "running":
             self.notify("The archetypes use the front as it is now; the search keeps running.", timeout=4)
