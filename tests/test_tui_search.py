@@ -191,6 +191,33 @@ async def test_pause_and_resume_in_place(db, tiny_loaded):
         assert screen.trials_total == paused_at + 8
 
 
+async def test_measured_search_then_delete_the_study(db, tiny_loaded):
+    from search.study import list_studies
+
+    app = make_app(db, tiny_loaded)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await profile_small(pilot, study="meas", evaluate="measured", population="4", generations="1")
+        screen = await run_search_from_profile(pilot)
+        assert screen.evaluate == "measured" and screen.trials_total == 4
+        assert all(p.measured and p.measured["kl"] >= 0 for p in screen.points)
+        assert "measured" in str(screen.query_one("#search-stats").render())
+        for _ in range(3):  # search -> profile -> setup -> studies
+            await pilot.press("escape")
+        assert screen_name(app) == "StudiesScreen"
+        studies = app.screen
+        table = studies.query_one("#studies", DataTable)
+        await wait_for(pilot, lambda: table.row_count == 1, "the study row")
+        table.focus()
+        await pilot.press("d")
+        assert screen_name(app) == "ConfirmScreen"
+        await pilot.press("n")  # no: nothing happens
+        assert [s["name"] for s in list_studies(db)] == ["meas"]
+        await pilot.press("d")
+        await pilot.press("y")
+        await wait_for(pilot, lambda: table.row_count == 0, "the deleted study to disappear")
+    assert list_studies(db) == []
+
+
 async def test_dashboard_start_copy_stop(db, tiny_loaded):
     app = make_app(db, tiny_loaded)
     async with app.run_test(size=(80, 24)) as pilot:

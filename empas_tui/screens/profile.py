@@ -112,9 +112,10 @@ distribution to the dense model is **measured** on the calibration tokens (or es
 
     # -- state ----------------------------------------------------------------------------------------
 
-    def __init__(self, cfg: RunConfig) -> None:
+    def __init__(self, cfg: RunConfig, autostart: bool = True) -> None:
         super().__init__()
         self.cfg = cfg
+        self.autostart = autostart  # False: only show what is fed to it (benchmarks)
         self.state = "idle"  # idle | running | cancelling | done | cancelled | failed
         self.genes: list[str] = []
         self.params: list[int] = []
@@ -153,7 +154,8 @@ distribution to the dense model is **measured** on the calibration tokens (or es
     def on_mount(self) -> None:
         self.sub_title = "profile"
         self.set_interval(REDRAW_SECONDS, self._redraw)
-        self.start()
+        if self.autostart:
+            self.start()
 
     def check_action(self, action: str, parameters: tuple) -> bool | None:
         running = self.state in ("running", "cancelling")

@@ -113,9 +113,9 @@ diamond = the selected point. *HV ratio* = hypervolume of the front / that of th
             self.xy, self.count = xy, count
 
     class Progress(Message):
-        def __init__(self, event) -> None:
+        def __init__(self, event, status: str = "") -> None:
             super().__init__()
-            self.event = event
+            self.event, self.status = event, status
 
     class Ended(Message):
         def __init__(self, result=None, error: str = "") -> None:
@@ -188,7 +188,7 @@ diamond = the selected point. *HV ratio* = hypervolume of the front / that of th
             self._compute_exact(self.profile, self.cfg)
         if self.autostart:
             self.start_run()
-        else:
+        elif self.profile is None:  # opened from the list: the stored front first
             self._load(self.app.storage_url, self.study)
 
     def on_resize(self, event) -> None:
@@ -252,7 +252,9 @@ diamond = the selected point. *HV ratio* = hypervolume of the front / that of th
             return
         if self.cfg is not None and self.state == "loading":  # a new study: the setup's choices
             settings = SearchSettings(study_name=self.study, population=self.cfg.population,
-                                      generations=self.cfg.generations, seed=self.cfg.seed)
+                                      generations=self.cfg.generations, seed=self.cfg.seed,
+                                      evaluate=self.cfg.evaluate, max_mib=self.cfg.max_mib)
+            self.evaluate = self.cfg.evaluate
         else:  # resume: the stored settings, this many more generations
             settings = SearchSettings(study_name=self.study, generations=self.more_generations)
         self._stop.clear()
@@ -261,10 +263,32 @@ diamond = the selected point. *HV ratio* = hypervolume of the front / that of th
         self.message = "starting..."
         self._dirty = True
         self.refresh_bindings()
-        self._run(settings, self.profile, self.app.storage_url)
+        self._run(settings, self.profile, self.app.storage_url, self.evaluate == "measured")
+
+    def _measuring_runner(self, profile):
+        """Measured mode needs the model and the calibration tokens: the profile run's, or rebuilt
+        from the profile's description (refused if they would not be the same tokens)."""
+        from profiling.runner import PrefixRunner
+
+        setup = self.setup
+        if setup is None:
+            from profiling.sensitivity import prepare
+
+            self.post_message(self.Progress(None, status="loading the model for measured evaluation..."))
+            loaded = self.app.load_model(profile.model_id)
+            corpus = None if profile.corpus_source == "default" else profile.corpus_source
+            setup = prepare(profile.model_id, profile.granularity, profile.metric,
+                            int(profile.quantizer.get("group_size", 64)), profile.calibration_tokens,
+                            text_file=corpus, loaded=loaded)
+            if setup.tokens.fingerprint != profile.corpus_fingerprint:
+                raise ValueError("cannot rebuild this study's calibration tokens here (other sequence length or "
+                                 "held-out size): resume it with `empas search --evaluate measured` and the "
+                                 "profile's options")
+        self.post_message(self.Progress(None, status="dense reference pass for measured evaluation..."))
+        return PrefixRunner(setup.loaded.model, setup.inventory, setup.tokens.calibration)
 
     @work(thread=True, exclusive=True, group="search-run", exit_on_error=False)
-    def _run(self, settings, profile, url: str) -> None:
+    def _run(self, settings, profile, url: str, measured: bool = False) -> None:
         from search.study import run_search
 
         worker = get_current_worker()
@@ -273,8 +297,9 @@ diamond = the selected point. *HV ratio* = hypervolume of the front / that of th
             return self._stop.is_set() or worker.is_cancelled
 
         try:
+            runner = self._measuring_runner(profile) if measured else None
             result = run_search(settings, profile, url, progress=lambda e: self.post_message(self.Progress(e)),
-                                should_stop=should_stop)
+                                should_stop=should_stop, runner=runner)
         except Exception as exc:
             log.exception("search failed")
             self.post_message(self.Ended(error=one_line(exc)))
@@ -306,6 +331,10 @@ diamond = the selected point. *HV ratio* = hypervolume of the front / that of th
         self._dirty = True
 
     def on_search_screen_progress(self, message: Progress) -> None:
+        if message.event is None:
+            self.message = message.status
+            self._dirty = True
+            return
         e = message.event
         self.event = e
         self.trials_total = e.trials_total
@@ -358,6 +387,8 @@ diamond = the selected point. *HV ratio* = hypervolume of the front / that of th
     def _stats_text(self) -> str:
         e = self.event
         parts = [f"[b]{self.study}[/]", self.state]
+        if self.evaluate == "measured":
+            parts.append("[b]measured[/]")
         if e is not None:
             parts += [f"gen {e.generation}", f"run {e.trials_done}/{e.trials_target}",
                       f"{e.trials_per_s:.0f} trials/s", f"{fmt_seconds(e.elapsed)}"]

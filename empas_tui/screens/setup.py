@@ -28,22 +28,27 @@ TEXT_FIELDS = [
     ("population", "Population", "NSGA-II genomes per generation"),
     ("generations", "Generations", "trials = population x generations"),
     ("seed", "Seed", "random seed of the search"),
+    ("max_mib", "Max MiB", "optional memory budget: trials above it are infeasible; empty = none"),
 ]
 SELECTS = {
     "granularity": ("Granularity", [("block: one bit-width per decoder block", "block"),
                                     ("linear: one per linear layer (q,k,v,o,gate,up,down)", "linear")]),
     "metric": ("Metric", [("kl: measured KL to the dense model (default)", "kl"),
                           ("fisher: fast Fisher estimate of the KL", "fisher")]),
+    "evaluate": ("Evaluate", [("proxy: predicted loss, sum of the profile (fast)", "proxy"),
+                              ("measured: real KL of every genome (slow, exact)", "measured")]),
 }
+INVALID = object()  # a field check failed (None is a valid value: "no memory budget")
+
 ORDER = ["model", "bits", "granularity", "metric", "group_size", "text_file", "calib_tokens", "heldout_tokens",
-         "seq_len", "study", "population", "generations", "seed"]
+         "seq_len", "study", "evaluate", "population", "generations", "seed", "max_mib"]
 
 
 def _text(cfg: RunConfig, name: str) -> str:
     value = getattr(cfg, name)
     if name == "bits":
         return ",".join(map(str, value))
-    return str(value)
+    return "" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
 
 
 class SetupScreen(Screen):
@@ -57,6 +62,9 @@ storage, so the same model + calibration + quantiser is profiled only once.
 - **Model**: `default` is SmolLM2-135M-Instruct (its dense baseline is the dequantised Q4_1 GGUF).
 - **Granularity** `block` is fast (30 genes on SmolLM2); `linear` is finer (210 genes) and slower.
 - **Calibration**: 512 tokens is a good start on a laptop CPU; more tokens = less noise, more time.
+- **Evaluate** `proxy` scores each genome with the profile (thousands of trials a second); `measured`
+  quantises the whole genome and measures its KL (a second or more per trial: use a small population).
+- **Max MiB**: optional budget; genomes above it are infeasible for NSGA-II (kept, never on the front).
 """
     BINDINGS = [
         Binding("ctrl+s", "start", "Start profiling", priority=True),
@@ -138,7 +146,7 @@ storage, so the same model + calibration + quantiser is profiled only once.
                 value = FIELD_CHECKS[name](text)
         except Exception as exc:  # the engine's validators raise ValueError subclasses with the fix
             self._set_error(name, one_line(exc))
-            return None
+            return INVALID
         self._set_error(name, "")
         return value
 
@@ -181,7 +189,7 @@ storage, so the same model + calibration + quantiser is profiled only once.
                 values[name] = widget.value
                 continue
             value = self._check(name, widget.value) if not quiet else self._quiet(name, widget.value)
-            if value is None:
+            if value is INVALID:
                 ok = False
             else:
                 values[name] = value
@@ -201,7 +209,7 @@ storage, so the same model + calibration + quantiser is profiled only once.
         try:
             return check_study(text, self.existing) if name == "study" else FIELD_CHECKS[name](text)
         except Exception:
-            return None
+            return INVALID
 
     # -- start --------------------------------------------------------------------------------------
 

@@ -26,6 +26,8 @@ class RunConfig:
     population: int = 32
     generations: int = 20
     seed: int = 0
+    evaluate: str = "proxy"
+    max_mib: float | None = None
 
     @property
     def text_path(self) -> str | None:
@@ -105,6 +107,19 @@ def check_study(text: str, existing: set[str]) -> str:
     return name
 
 
+def check_max_mib(text: str) -> float | None:
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError("memory budget must be a number of MiB, e.g. 100, or empty for none") from None
+    if not value > 0:
+        raise ValueError("memory budget must be positive (MiB), or empty for none")
+    return value
+
+
 FIELD_CHECKS = {
     "model": check_model,
     "bits": check_bits,
@@ -116,6 +131,7 @@ FIELD_CHECKS = {
     "population": lambda t: _int(t, "population", 4, 10_000, 32),
     "generations": lambda t: _int(t, "generations", 1, 100_000, 20),
     "seed": lambda t: _int(t, "seed", 0, 2**31 - 1, 0),
+    "max_mib": check_max_mib,
 }
 
 
