@@ -118,13 +118,32 @@ async def test_profile_search_select_measure_export(db, tiny_loaded, tmp_path):
 
 
 @needs_archetypes
-async def test_export_prompt_refuses_a_missing_folder(db, tiny_loaded, tmp_path):
+async def test_archetype_budgets_and_the_export_prompt(db, tiny_loaded, tmp_path):
     app = make_app(db, tiny_loaded)
     async with app.run_test(size=(80, 24)) as pilot:
-        await profile_small(pilot, study="prompt")
+        await profile_small(pilot, study="budget")
         await run_search_from_profile(pilot)
         await pilot.press("a")
         await wait_for(pilot, lambda: screen_name(app) == "ArchetypesScreen" and app.screen.choices, "archetypes")
+        arch = app.screen
+        memory = sorted(p.memory_bytes for p in arch.front.points)
+        budget_mib = float(f"{(memory[0] + memory[-1]) / 2 / (1024 * 1024):.6f}")
+        # "best accuracy under N MiB": every archetype re-chosen inside the budget
+        await pilot.press("b")
+        assert screen_name(app) == "BudgetPrompt"
+        app.screen.query_one("#max-mib", Input).value = str(budget_mib)
+        await pilot.press("enter", "enter")
+        assert screen_name(app) == "ArchetypesScreen"
+        assert arch.max_mib == budget_mib
+        assert all(arch.point_of(c).memory_bytes <= budget_mib * 1024 * 1024 for c in arch.choices)
+        assert "Budget: memory" in str(arch.query_one("#arch-info").render())
+        # an impossible budget is refused in one line and changes nothing
+        before = [c.index for c in arch.choices]
+        await pilot.press("b")
+        app.screen.query_one("#max-mib", Input).value = f"{memory[0] / 2 / (1024 * 1024):.6f}"
+        await pilot.press("enter", "enter")
+        assert [c.index for c in arch.choices] == before and arch.max_mib == budget_mib
+        # the export prompt refuses a missing folder inline and writes nothing
         await pilot.press("e")
         prompt = app.screen
         prompt.query_one(Input).value = str(tmp_path / "nope" / "x.json")

@@ -67,17 +67,20 @@ pred.ΔPPL), KL to dense. Memory is the memory model
 | `up`/`down` | highlight an archetype (its layers appear as a strip) |
 | `m` | measure on held-out tokens (in the background; `c` cancels) |
 | `e` | export the highlighted archetype to a JSON file (asks for the path) |
+| `b` | budgets: "best accuracy under N MiB" and/or "smallest under X% PPL rise" (re-chooses all three) |
 | `escape` | back to the search |
 """
     BINDINGS = [
         Binding("m", "measure", "Measure"),
         Binding("c", "cancel", "Cancel"),
         Binding("e", "export", "Export"),
+        Binding("b", "budget", "Budget"),
         Binding("escape", "app.pop_screen", "Back"),
     ]
     PALETTE = [
         ("Measure archetypes", "Measure archetypes and baselines on held-out tokens", "measure"),
         ("Export archetype", "Write the highlighted archetype as a JSON artifact", "export"),
+        ("Archetype budget", "Best accuracy under N MiB / smallest under X% PPL rise", "budget"),
     ]
 
     class Loaded(Message):
@@ -95,7 +98,10 @@ pred.ΔPPL), KL to dense. Memory is the memory model
         self.study, self.cfg, self.setup = study, cfg, setup
         self.front = None
         self.choices: list = []
-        self.rows: dict[str, object] = {}  # genome name -> ValidationRow
+        self.baselines: dict[str, object] = {}  # baseline name -> ValidationRow
+        self.measured: dict[int, object] = {}  # trial number -> ValidationRow of that front point
+        self.max_mib: float | None = None  # optional budgets ("best under N MiB", "smallest under X%")
+        self.max_rise_pct: float | None = None
         self.result = None
         self.measuring = False
         self._stop = threading.Event()
@@ -133,7 +139,7 @@ pred.ΔPPL), KL to dense. Memory is the memory model
             return self.measuring
         if action == "measure":
             return False if self.measuring else (bool(self.choices) or None)
-        if action == "export":
+        if action in ("export", "budget"):
             return bool(self.choices) or None
         return True
 
@@ -141,20 +147,32 @@ pred.ΔPPL), KL to dense. Memory is the memory model
 
     @work(thread=True, exclusive=True, group="arch-load", exit_on_error=False)
     def _load(self, url: str, study: str) -> None:
-        from search.archetypes import front_arrays, select_archetypes
         from search.study import load_front
 
         try:
             front = load_front(url, study)
             if not front.points:
                 raise ValueError(f"study {study!r} has no front yet: run the search first")
-            memory, predicted, measured = front_arrays(front.points, front.profile.base_loss)
-            choices = select_archetypes(memory, predicted, front.profile.base_loss, measured_loss=measured)
         except Exception as exc:
-            log.exception("archetype selection failed")
+            log.exception("loading the front failed")
             self.post_message(self.Loaded(error=one_line(exc)))
             return
-        self.post_message(self.Loaded(front, choices))
+        self.post_message(self.Loaded(front))
+
+    def select(self, max_mib: float | None = None, max_rise_pct: float | None = None) -> str:
+        """(Re)choose the archetypes under optional budgets; '' or the engine's one-line refusal."""
+        from search.archetypes import front_arrays, select_archetypes
+
+        base = self.front.profile.base_loss
+        memory, predicted, measured = front_arrays(self.front.points, base)
+        try:
+            choices = select_archetypes(memory, predicted, base, measured_loss=measured,
+                                        max_bytes=None if max_mib is None else max_mib * MIB,
+                                        max_ppl_rise=None if max_rise_pct is None else max_rise_pct / 100.0)
+        except ValueError as exc:  # ArchetypeError: nothing fits; the message names what is achievable
+            return one_line(exc)
+        self.choices, self.max_mib, self.max_rise_pct = choices, max_mib, max_rise_pct
+        return ""
 
     def on_archetypes_screen_loaded(self, message: Loaded) -> None:
         info = self.query_one("#arch-info", Label)
@@ -162,16 +180,26 @@ pred.ΔPPL), KL to dense. Memory is the memory model
             info.update(f"[b red]error:[/] {message.error}")
             self.notify(message.error, severity="error")
             return
-        self.front, self.choices = message.front, message.choices
+        self.front = message.front
+        error = self.select()
+        if error:
+            info.update(f"[b red]error:[/] {error}")
+            return
         p = self.front.profile
-        basis = self.choices[0].basis if self.choices else "predicted"
-        dense = ", the dequantised Q4_1 GGUF" if p.model_id == "default" else ""
-        info.update(f"{len(self.front.points)} front points of [b]{self.study}[/] ({p.model_id}, {p.granularity}); "
-                    f"chosen on {basis} loss. Dense{dense}: loss {p.base_loss:.4f} (PPL {p.base_ppl:.2f}) "
-                    f"measured on calibration tokens.")
+        self._show_info()
         self.query_one("#arch-legend", Label).update(legend(sorted(set(p.bits))))
         self._fill()
         self.refresh_bindings()
+
+    def _show_info(self) -> None:
+        p = self.front.profile
+        basis = self.choices[0].basis if self.choices else "predicted"
+        dense = ", the dequantised Q4_1 GGUF" if p.model_id == "default" else ""
+        budget = f" Budget: {self._budget_text()} (b)." if self._budget_text() else ""
+        self.query_one("#arch-info", Label).update(
+            f"{len(self.front.points)} front points of [b]{self.study}[/] ({p.model_id}, {p.granularity}); "
+            f"chosen on {basis} loss.{budget} Dense{dense}: loss {p.base_loss:.4f} (PPL {p.base_ppl:.2f}) "
+            f"measured on calibration tokens.")
 
     def point_of(self, choice):
         return self.front.points[choice.index]
@@ -184,7 +212,7 @@ pred.ΔPPL), KL to dense. Memory is the memory model
         for c in self.choices:
             pt = self.point_of(c)
             pred_rise = 100.0 * math.expm1(pt.predicted_loss - p.base_loss)
-            row = self.rows.get(c.archetype)
+            row = self.measured.get(pt.trial_number)
             table.add_row(c.archetype, str(pt.trial_number), f"{pt.memory_bytes / MIB:.1f}",
                           f"{pt.average_bits or p.average_bits(pt.bits):.2f}", _pct(pred_rise),
                           _num(row.ppl) if row else "-", _pct(row.delta_ppl_pct) if row else "-",
@@ -193,9 +221,8 @@ pred.ΔPPL), KL to dense. Memory is the memory model
             table.move_cursor(row=min(keep, table.row_count - 1), animate=False)
         base = self.query_one("#baselines", DataTable)
         base.clear()
-        for name, row in self.rows.items():
-            if row.kind == "baseline":
-                base.add_row(name, f"{row.memory_mib:.1f}", f"{row.average_bits:.2f}", _num(row.ppl),
+        for name, row in self.baselines.items():
+            base.add_row(name, f"{row.memory_mib:.1f}", f"{row.average_bits:.2f}", _num(row.ppl),
                              _pct(row.delta_ppl_pct), f"{row.kl:.3f}", row.note[:80])
         self._show_strip()
 
@@ -286,8 +313,10 @@ pred.ΔPPL), KL to dense. Memory is the memory model
             e = message.event
             bar.update(total=max(e.total, 1), progress=e.done)
             if e.row is not None:
-                for name in e.row.name.split("+"):
-                    self.rows[name] = e.row
+                if e.row.kind == "baseline":
+                    self.baselines[e.row.name] = e.row
+                else:
+                    self.measured[int(e.row.source["trial"])] = e.row
                 self._fill()
             status.update(f"{e.done}/{e.total} measured" + (f", ETA {fmt_seconds(e.eta_seconds)}"
                                                              if e.eta_seconds else ""))
@@ -308,6 +337,34 @@ pred.ΔPPL), KL to dense. Memory is the memory model
                       f"dense PPL {r.dense_ppl:.2f}{extra}")
         self.notify("Archetypes and baselines measured.", title="Held-out validation")
         self._fill()
+
+    # -- budgets --------------------------------------------------------------------------------------
+
+    def action_budget(self) -> None:
+        if not self.choices:
+            return
+        from .dialogs import BudgetPrompt
+
+        def apply(answer) -> None:
+            if answer is None:
+                return
+            error = self.select(*answer)
+            if error:
+                self.notify(error, title="Budget", severity="error", timeout=10)
+                return
+            self._fill()
+            self._show_info()
+            self.notify(self._budget_text() or "no budget: the whole front", title="Archetypes re-chosen")
+
+        self.app.push_screen(BudgetPrompt(self.max_mib, self.max_rise_pct), apply)
+
+    def _budget_text(self) -> str:
+        parts = []
+        if self.max_mib is not None:
+            parts.append(f"memory <= {self.max_mib:g} MiB")
+        if self.max_rise_pct is not None:
+            parts.append(f"PPL rise <= {self.max_rise_pct:g}%")
+        return ", ".join(parts)
 
     # -- export ---------------------------------------------------------------------------------------
 
@@ -334,7 +391,7 @@ pred.ΔPPL), KL to dense. Memory is the memory model
         from storage.urls import redact
 
         try:
-            row = self.rows.get(choice.archetype)
+            row = self.measured.get(self.point_of(choice).trial_number)
             heldout = measured_metrics(row, self.result) if row is not None and self.result is not None else None
             artifact = make_artifact(choice, self.point_of(choice), self.front.profile,
                                      {"study": self.study, "storage": redact(self.app.storage_url)}, heldout)

@@ -128,3 +128,67 @@ class PathPrompt(ModalScreen[Path | None]):
 
     def action_cancel(self) -> None:
         self.dismiss(None)
+
+
+class BudgetPrompt(ModalScreen[tuple[float | None, float | None] | None]):
+    """Memory and/or perplexity budgets for the archetypes; empty = no budget."""
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, max_mib: float | None, max_rise_pct: float | None) -> None:
+        super().__init__()
+        self.initial = ("" if max_mib is None else f"{max_mib:g}", "" if max_rise_pct is None else f"{max_rise_pct:g}")
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog"):
+            yield Label("Archetype budgets (empty = none)", classes="dialog-title")
+            yield Label("Best accuracy under this many MiB:")
+            yield Input(value=self.initial[0], placeholder="e.g. 110", id="max-mib")
+            yield Label("Smallest model under this PPL rise (%), also the max-compression cap (25):")
+            yield Input(value=self.initial[1], placeholder="e.g. 10", id="max-rise")
+            yield Label("", id="budget-error", classes="error")
+            with Horizontal(classes="dialog-buttons"):
+                yield Button("Apply (enter)", variant="primary", id="ok")
+                yield Button("Cancel (esc)", id="cancel")
+
+    def on_mount(self) -> None:
+        self.query_one("#max-mib", Input).focus()
+
+    @staticmethod
+    def _number(text: str, what: str) -> float | None:
+        text = text.strip().rstrip("%").strip()
+        if not text:
+            return None
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"{what} must be a number or empty") from None
+        if not value >= 0 or value != value:
+            raise ValueError(f"{what} must be a positive number or empty")
+        return value
+
+    def _submit(self) -> None:
+        try:
+            mib = self._number(self.query_one("#max-mib", Input).value, "memory budget")
+            rise = self._number(self.query_one("#max-rise", Input).value, "PPL rise")
+            if mib is not None and mib == 0:
+                raise ValueError("memory budget must be above 0 MiB")
+        except ValueError as exc:
+            self.query_one("#budget-error", Label).update(str(exc))
+            return
+        self.dismiss((mib, rise))
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        if event.input.id == "max-mib":
+            self.query_one("#max-rise", Input).focus()
+        else:
+            self._submit()
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "ok":
+            self._submit()
+        else:
+            self.dismiss(None)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
