@@ -134,6 +134,12 @@ distribution to the dense model is **measured** on the calibration tokens (or es
         self.sort_reverse = False
         self._dirty = True
         self._rows_dirty = True
+        self._shown: dict[int, tuple] = {}  # what each table row shows (to update only changed cells)
+        self._shown_order: list[int] = []
+        self._shown_tops: dict[int, float] = {}
+        self._shown_current = -1
+        self._changed: set[int] = set()  # layers with new values since the last redraw
+        self._next_redraw = 0.0
         self._stop = threading.Event()
 
     def compose(self) -> ComposeResult:
@@ -153,7 +159,7 @@ distribution to the dense model is **measured** on the calibration tokens (or es
 
     def on_mount(self) -> None:
         self.sub_title = "profile"
-        self.set_interval(REDRAW_SECONDS, self._redraw)
+        self.set_interval(REDRAW_SECONDS, self._tick)
         if self.autostart:
             self.start()
 
@@ -238,6 +244,7 @@ distribution to the dense model is **measured** on the calibration tokens (or es
         self.eta = e.eta_seconds
         if e.kind == "entry":
             self.values[(e.gene_index, e.bits)] = e.value
+            self._changed.add(e.gene_index)
             self._rows_dirty = True
             self.status = f"measured {e.gene} at {e.bits} bits"
         elif e.kind == "start":
@@ -250,6 +257,7 @@ distribution to the dense model is **measured** on the calibration tokens (or es
         for i in range(p.n_genes):
             for j, b in enumerate(p.bits):
                 self.values[(i, b)] = float(p.sensitivity[i, j])
+        self._changed = set(range(p.n_genes))
         self.done = self.total = p.n_genes * len(p.bits)
         self.state = "done"
         reused = f", {p.reused_entries} of {self.total} entries reused from the cache" if p.reused_entries else ""
@@ -279,6 +287,7 @@ distribution to the dense model is **measured** on the calibration tokens (or es
     def _setup_columns(self) -> None:
         table = self.query_one("#sensitivity", DataTable)
         table.clear(columns=True)
+        self._shown, self._shown_order = {}, []
         table.add_column("#", key="idx")
         table.add_column("layer", key="gene")
         table.add_column("params", key="params")
@@ -313,6 +322,16 @@ distribution to the dense model is **measured** on the calibration tokens (or es
         names = ["layer order", "name", "params"] + [f"S@{b}" for b in self._sens_bits()]
         return names[self.sort_index % len(names)]
 
+    def _tick(self) -> None:
+        """Redraw if something changed, at most every REDRAW_SECONDS, and never more than half the
+        time (a slow terminal or a huge table backs off instead of starving the keyboard)."""
+        now = time.monotonic()
+        if not self._dirty or now < self._next_redraw:
+            return
+        self._redraw()
+        cost = time.monotonic() - now
+        self._next_redraw = time.monotonic() + max(0.0, cost - REDRAW_SECONDS)
+
     def _redraw(self) -> None:
         if not self._dirty:
             return
@@ -335,27 +354,58 @@ distribution to the dense model is **measured** on the calibration tokens (or es
             self._rows_dirty = False
             self._fill_rows(cur)
 
+    def _row_cells(self, i: int, current: int, tops: dict[int, float]) -> list:
+        done = self._gene_done(i)
+        if done == len(self.bits):
+            state = Text("✓", style="green")
+        elif i == current:
+            state = Text("▶", style="bold yellow")
+        else:
+            state = Text(f"{done}/{len(self.bits)}" if done else "·", style="dim")
+        cells = [str(i), self.genes[i], f"{self.params[i]:,}", state]
+        for b in self._sens_bits():
+            v = self.values.get((i, b))
+            cells.append(Text("" if v is None else f"{v:.5f}", style=heat_style(v, tops[b]) if v is not None
+                              else "", justify="right"))
+        return cells
+
+    @staticmethod
+    def _signature(cells: list) -> tuple:
+        return tuple((str(c), str(getattr(c, "style", ""))) for c in cells)
+
     def _fill_rows(self, current: int) -> None:
+        """Update the cells that changed; rebuild only when the row order changes (a resort)."""
         table = self.query_one("#sensitivity", DataTable)
-        keep = table.cursor_row
         sens = self._sens_bits()
         tops = {b: max([v for (i, bb), v in self.values.items() if bb == b] or [0.0]) for b in sens}
         order = sorted(range(len(self.genes)), key=self._sort_key(), reverse=self.sort_reverse)
+        same_layout = order == self._shown_order and table.row_count == len(order)
+        if same_layout and tops == self._shown_tops:
+            # only the layers that got values, and the old and new "measuring" marks, can differ
+            todo = self._changed | {current, self._shown_current} - {-1}
+        else:
+            todo = set(order)
+        self._changed = set()
+        self._shown_tops, self._shown_current = tops, current
+        cells = {i: self._row_cells(i, current, tops) for i in todo}
+        if same_layout:
+            keys = ["idx", "gene", "params", "state"] + [f"S{b}" for b in sens]
+            for i in todo:
+                sig = self._signature(cells[i])
+                old = self._shown.get(i)
+                if old == sig:
+                    continue
+                for key, cell, a, b in zip(keys, cells[i], old or (), sig):
+                    if a != b:
+                        table.update_cell(str(i), key, cell, update_width=True)
+                self._shown[i] = sig
+            return
+        keep = table.cursor_row
         table.clear()
         for i in order:
-            done = self._gene_done(i)
-            if done == len(self.bits):
-                state = Text("✓", style="green")
-            elif i == current:
-                state = Text("▶", style="bold yellow")
-            else:
-                state = Text(f"{done}/{len(self.bits)}" if done else "·", style="dim")
-            cells = [str(i), self.genes[i], f"{self.params[i]:,}", state]
-            for b in sens:
-                v = self.values.get((i, b))
-                cells.append(Text("" if v is None else f"{v:.5f}", style=heat_style(v, tops[b]) if v is not None
-                                  else "", justify="right"))
-            table.add_row(*cells, key=str(i))
+            table.add_row(*cells[i], key=str(i))
+        self._shown = {i: self._signature(cells[i]) for i in order}
+        self._shown_order = order
         if table.row_count:
             table.move_cursor(row=min(keep, table.row_count - 1), animate=False)
 

@@ -36,6 +36,7 @@ REDRAW_SECONDS = 0.25
 NARROW_COLUMNS = 110
 PLOT_PPL_FACTOR = 2.0  # the plot shows points up to this multiple of the dense perplexity (z: all)
 RESUME_GENERATIONS = 10  # what "resume" adds to a study opened from the list
+HISTORY_DRAWN = 2000  # earlier-front points drawn (the most recent ones)
 MIB = 1024 * 1024
 
 
@@ -145,7 +146,9 @@ diamond = the selected point. *HV ratio* = hypervolume of the front / that of th
         self.full_range = False
         self.clipped = False
         self._layers_for: int | None = None
+        self._front_shown: list[tuple] = []
         self._dirty = self._table_dirty = True
+        self._next_redraw = 0.0
         self._stop = threading.Event()
         self.run_finished = threading.Event()  # set when the engine call has returned (tests, quitting)
         self.run_finished.set()
@@ -181,7 +184,7 @@ diamond = the selected point. *HV ratio* = hypervolume of the front / that of th
         front.add_columns("trial", "MiB", "bits", "PPL", "rise")
         layers = self.query_one("#layers", DataTable)
         layers.add_columns("layer", "bits", "params", "pred. KL")
-        self.set_interval(REDRAW_SECONDS, self._redraw)
+        self.set_interval(REDRAW_SECONDS, self._tick)
         self._apply_width(self.size.width)
         front.focus()
         if self.profile is not None:
@@ -400,6 +403,16 @@ diamond = the selected point. *HV ratio* = hypervolume of the front / that of th
             parts.append(f"[dim]plot: PPL <= {PLOT_PPL_FACTOR:g}x dense (z: all)[/]")
         return "  ".join(parts)
 
+    def _tick(self) -> None:
+        """Redraw if something changed, at most every REDRAW_SECONDS, and never more than half the
+        time (a slow terminal or a huge table backs off instead of starving the keyboard)."""
+        now = time.monotonic()
+        if not self._dirty or now < self._next_redraw:
+            return
+        self._redraw()
+        cost = time.monotonic() - now
+        self._next_redraw = time.monotonic() + max(0.0, cost - REDRAW_SECONDS)
+
     def _redraw(self) -> None:
         if not self._dirty:
             return
@@ -410,7 +423,8 @@ diamond = the selected point. *HV ratio* = hypervolume of the front / that of th
         sel = self.selected_index()
         measured = self.evaluate == "measured"
         front = np.array([[p.memory_bytes / MIB, p.loss] for p in self.points]) if self.points else np.zeros((0, 2))
-        hist = np.array([[m / MIB, l] for (m, l) in self.history]) if self.history else np.zeros((0, 2))
+        recent = list(self.history)[-HISTORY_DRAWN:]
+        hist = np.array([[m / MIB, l] for (m, l) in recent]) if recent else np.zeros((0, 2))
         label = "measured loss" if measured else "predicted loss"
         y_max = None
         self.clipped = False
@@ -426,6 +440,10 @@ diamond = the selected point. *HV ratio* = hypervolume of the front / that of th
         self._show_point()
 
     def _fill_front(self) -> None:
+        shown = [(p.trial_number, p.memory_bytes, p.loss) for p in self.points]
+        if shown == self._front_shown:  # a generation that did not change the front: keep the table
+            return
+        self._front_shown = shown
         table = self.query_one("#front", DataTable)
         table.clear()
         base = self.profile.base_loss if self.profile is not None else 0.0

@@ -51,6 +51,9 @@ class ParetoPlot(PlotWidget):
             x0, x1 = float(xs.min() - pad_x), float(xs.max() + pad_x)
             if len(exact):
                 exact = exact[(exact[:, 0] >= x0) & (exact[:, 0] <= x1)]
+                room = 4 * max(self.size.width, 20)  # braille: 2 dots a cell; more points add nothing
+                if len(exact) > room:
+                    exact = exact[np.unique(np.linspace(0, len(exact) - 1, room).round().astype(int))]
                 if len(exact):
                     ys = np.concatenate([ys, exact[:, 1]])
             lo, hi = float(ys.min()), float(ys.max())
