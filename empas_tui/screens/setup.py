@@ -28,7 +28,7 @@ TEXT_FIELDS = [
     ("population", "Population", "NSGA-II genomes per generation"),
     ("generations", "Generations", "trials = population x generations"),
     ("seed", "Seed", "random seed of the search"),
-    ("max_mib", "Max MiB", "optional memory budget: trials above it are infeasible; empty = none"),
+    ("max_mib", "Max MiB", "optional memory budget; empty = none"),
 ]
 SELECTS = {
     "granularity": ("Granularity", [("block: one bit-width per decoder block", "block"),
@@ -176,7 +176,10 @@ storage, so the same model + calibration + quantiser is profiled only once.
 
     def _update_summary(self) -> None:
         cfg = self.collect(quiet=True)
-        text = f"{cfg.summary()} | {cfg.population} x {cfg.generations} = {cfg.trials} trials" if cfg else ""
+        text = ""
+        if cfg:
+            budget = f", <= {cfg.max_mib:g} MiB" if cfg.max_mib else ""
+            text = f"{cfg.summary()} | {cfg.evaluate} search: {cfg.population} x {cfg.generations} = {cfg.trials} trials{budget}"
         self.query_one("#setup-summary", Label).update(text)
 
     def collect(self, quiet: bool = False) -> RunConfig | None:
