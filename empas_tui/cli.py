@@ -15,6 +15,7 @@ import sys
 
 COMMAND_MODULES = [
     "empas_tui.commands.profile",
+    "empas_tui.commands.deploy",
 ]
 
 
