@@ -73,17 +73,18 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     out_bytes = packed_row_bytes(n, bits)
     if bits == 8:
         return codes.contiguous().clone()
-    if 8 % bits == 0:  # 2 and 4 bits: whole codes per byte, uint8 arithmetic
-        per_byte = 8 // bits
-        c = F.pad(codes, (0, out_bytes * per_byte - n)).reshape(rows, out_bytes, per_byte)
-        shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
-        return (c << shifts).sum(-1, dtype=torch.uint8)  # disjoint bit fields: sum == OR
-    # 3, 5, 6, 7 bits: 8 codes fill exactly `bits` bytes; assemble them in a 64-bit word.
-    words_per_row = math.ceil(n / 8)
-    c = F.pad(codes, (0, words_per_row * 8 - n)).to(torch.int64).reshape(rows, words_per_row, 8)
-    word = (c << (torch.arange(8, dtype=torch.int64) * bits)).sum(-1)
-    octets = (word[..., None] >> (torch.arange(bits, dtype=torch.int64) * 8)) & 0xFF
-    return octets.reshape(rows, words_per_row * bits)[:, :out_bytes].to(torch.uint8).contiguous()
+    # A unit is 1 byte (2, 4 bits) or `bits` bytes holding 8 codes (3, 5, 6, 7 bits). Loop over the
+    # code positions inside a unit (at most 8); each step is vectorised over all units of all rows.
+    codes_per_unit, unit_bytes = (8 // bits, 1) if 8 % bits == 0 else (8, bits)
+    units = math.ceil(n / codes_per_unit)
+    c = F.pad(codes, (0, units * codes_per_unit - n)).view(rows, units, codes_per_unit)
+    out = torch.zeros(rows, units, unit_bytes, dtype=torch.uint8, device=codes.device)
+    for k in range(codes_per_unit):
+        lo, off = divmod(k * bits, 8)
+        out[..., lo] |= c[..., k] << off  # uint8: bits shifted past the byte belong to the next one
+        if off + bits > 8:
+            out[..., lo + 1] |= c[..., k] >> (8 - off)
+    return out.view(rows, units * unit_bytes)[:, :out_bytes].contiguous()
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:

@@ -78,12 +78,19 @@ def add_measure_options(p) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
+def _progress_printer(enabled: bool):
+    """Progress lines on a terminal only, so a failing command prints just its one error line."""
+    if not enabled or not sys.stderr.isatty():
+        return lambda msg: None
+    return lambda msg: print(f"empas: {msg}", file=sys.stderr, flush=True)
+
+
 # -- apply / load ------------------------------------------------------------------------------------
 
 def run_apply(args) -> int:
     from storage.checkpoint import apply_artifact
 
-    say = (lambda msg: None) if args.json else (lambda msg: print(f"empas: {msg}", file=sys.stderr))
+    say = _progress_printer(not args.json)
     manifest = apply_artifact(args.artifact, args.output, model=args.model, force=args.force, progress=say)
     if args.json:
         print_json({"output": str(args.output), **manifest})
@@ -157,7 +164,7 @@ def evaluate_checkpoints(paths: list[str], args) -> int:
     if len(fingerprints) > 1:
         raise ValueError("the checkpoints were made from different models: measure each model's checkpoints separately")
     tokens = _heldout_tokens(paths[0], heldout_tokens, seq_len, getattr(args, "text", None))
-    say = (lambda msg: None) if want_json else (lambda msg: print(f"empas: {msg}", file=sys.stderr))
+    say = _progress_printer(not want_json)
     rows = []
     dense_spec = None
     if getattr(args, "dense", False):
