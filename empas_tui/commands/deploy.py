@@ -389,7 +389,11 @@ class _Handler(BaseHTTPRequestHandler):
         if size > self.service.limits.max_body_bytes:
             return self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                                f"body has {size} bytes; the limit is {self.service.limits.max_body_bytes}", close=True)
-        body = self.rfile.read(size)
+        try:
+            body = self.rfile.read(size)
+        except (TimeoutError, OSError):  # a client that stops sending: drop it, keep serving
+            self.close_connection = True
+            return
         try:
             result = self.service.generate(self.service.parse(body))
         except RequestError as exc:
