@@ -1,4 +1,4 @@
-"""Benchmark: SmolLM2-135M dense vs uniform 4-bit vs a mixed genome, packed for real.
+"""Benchmark: SmolLM2-135M dense vs fp16 vs uniform 4-bit vs a mixed genome, packed for real.
 
 For each model, in one run: checkpoint MiB (tensor bytes of its weight file), the memory objective
 (predicted), resident MiB (parameters + buffers in memory), peak RSS of a fresh process through load +
@@ -88,7 +88,8 @@ def main(argv=None) -> int:
     quantizer = RTNQuantizer(64)
     tokens = build_token_sets(loaded.tokenizer, 128, args.heldout_tokens, args.seq_len)
 
-    artifacts = [make_artifact(loaded, inv, quantizer, "uniform-4", {g.name: 4 for g in inv.genes})]
+    artifacts = [make_artifact(loaded, inv, quantizer, "fp16", {g.name: 16 for g in inv.genes}),
+                 make_artifact(loaded, inv, quantizer, "uniform-4", {g.name: 4 for g in inv.genes})]
     if args.artifact:
         mixed = load_artifact(args.artifact)
         mixed.check_model(loaded.fingerprint, f" {args.artifact}")
@@ -103,7 +104,7 @@ def main(argv=None) -> int:
     work = keep or Path(tempfile.mkdtemp(prefix="empas-bench-deploy-"))
     work.mkdir(parents=True, exist_ok=True)
     rows = []
-    for art, name in zip(artifacts, ["uniform-4", label]):
+    for art, name in zip(artifacts, ["fp16 (every weight 16-bit)", "uniform-4", label]):
         bits = [art.genes[g.name] for g in inv.genes]
         with quantized_weights(loaded.model, inv.genes, bits, quantizer):
             profiled = heldout_loss(loaded.model, tokens.heldout)
@@ -161,7 +162,8 @@ def print_table(result: dict) -> None:
               f"{m['peak_rss_bytes'] / MIB:9.1f} {m['ppl']:8.3f} {'-' if fq is None else f'{fq:.3f}':>8} "
               f"{m['tokens_per_s']:7.2f}")
     base = result["rows"][0]["measured"]
-    print(f"\nall measured except 'objective' (the memory model, predicted; dense at 16 bits). Dense ckpt = "
+    print(f"\ntok/s = best of 3 runs (all runs in the JSON). "
+          f"All measured except 'objective' (the memory model, predicted; dense at 16 bits). Dense ckpt = "
           f"its fp32 safetensors. peak RSS includes the Python+torch runtime "
           f"(~{base['rss_baseline_bytes'] / MIB:.0f} MiB after imports). PPL fq = the genome fake-quantised on the dense "
           f"model with non-gene weights rounded to fp16 (what ships); as profiled (fp32 non-gene weights): "

@@ -74,11 +74,11 @@ def test_apply_then_load_without_dense_weights(tmp_path, make):
 def test_generate_and_measure_in_process(tiny_setup):
     apply_artifact(tiny_setup["artifact_path"], tiny_setup["out"])
     ck = load_packed(tiny_setup["out"])
-    out = generate_text(ck.model, ck.tokenizer, "Hello there", max_new_tokens=6)
-    assert isinstance(out["text"], str) and 1 <= out["new_tokens"] <= 6 and out["tokens_per_s"] > 0
+    out = generate_text(ck.model, ck.tokenizer, "Hello there", max_new_tokens=4)
+    assert isinstance(out["text"], str) and 1 <= out["new_tokens"] <= 4 and out["tokens_per_s"] > 0
     tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(3))
-    measured = measure_loaded(ck.model, ck.tokenizer, tokens, gen_tokens=3)
-    assert measured["gen_tokens"] == 3 and measured["resident_bytes"] > 0 and measured["peak_rss_bytes"] > 0
+    measured = measure_loaded(ck.model, ck.tokenizer, tokens, gen_tokens=2, repeats=1)
+    assert measured["gen_tokens"] == 2 and measured["resident_bytes"] > 0 and measured["peak_rss_bytes"] > 0
     dense = load_model(str(tiny_setup["folder"]))
     inv = build_inventory(dense.model, "block")
     with as_shipped(dense.model, inv, tiny_setup["artifact"].genes, RTNQuantizer(64)):

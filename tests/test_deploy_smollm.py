@@ -49,7 +49,7 @@ def test_smollm_packed_checkpoint(smollm, tmp_path, one_thread):
     with quantized_weights(smollm.model, inv.genes, bits, q):
         profiled = heldout_loss(smollm.model, tokens)
 
-    measured = measure_checkpoint(tmp_path / "packed", tokens, gen_tokens=4, threads=1)
+    measured = measure_checkpoint(tmp_path / "packed", tokens, gen_tokens=4, threads=1, repeats=1)
     assert measured["kind"] == "packed" and measured["gen_tokens"] == 4
     assert measured["checkpoint_bytes"] == artifact.memory_bytes
     assert measured["heldout_loss"] == pytest.approx(shipped, rel=1e-5)

@@ -246,7 +246,7 @@ def print_measure_table(result: dict, stream=sys.stdout) -> None:
           f"{_mib(r.get('peak_rss_bytes')):>9} {r['ppl']:9.3f} {'-' if fq is None else f'{fq:.3f}':>9} "
           f"{r.get('tokens_per_s', float('nan')):7.2f}\n")
     w(f"\nall measured: held-out PPL on {result['heldout_tokens']} tokens ({result['seq_len']}-token sequences); "
-      f"tok/s = greedy generation of {result['gen_tokens']} new tokens after a warm-up, on "
+      f"tok/s = best of 3 greedy generations of {result['gen_tokens']} new tokens after a warm-up, on "
       f"{result['hardware']}.\n")
     w("resident = bytes of parameters + buffers in memory; peak RSS = the measuring process's peak through "
       "load + generation (it includes the Python/torch runtime); PPL fq = the same genome fake-quantised on the "
