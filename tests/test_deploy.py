@@ -86,6 +86,26 @@ def test_generate_and_measure_in_process(tiny_setup):
     assert measured["heldout_loss"] == pytest.approx(expected, rel=1e-6)
 
 
+def test_fake_quant_reference_of_checkpoints(tiny_setup, capsys):
+    """What `empas measure --dense` prints next to each packed PPL, and the table itself."""
+    from empas_tui.commands.deploy import _fake_quant_losses, print_measure_table
+    from storage.checkpoint import read_manifest
+
+    apply_artifact(tiny_setup["artifact_path"], tiny_setup["out"])
+    ck = load_packed(tiny_setup["out"])
+    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(4))
+    path = str(tiny_setup["out"])
+    ref = _fake_quant_losses(str(tiny_setup["folder"]), [path], [read_manifest(path)], tokens)[path]
+    assert ref["fake_quant_shipped_ppl"] == pytest.approx(2.718281828 ** heldout_loss(ck.model, tokens), rel=1e-6)
+    assert ref["fake_quant_ppl"] == pytest.approx(ref["fake_quant_shipped_ppl"], rel=1e-2)
+    row = {"name": path, **measure_loaded(ck.model, ck.tokenizer, tokens, gen_tokens=1, repeats=1), **ref,
+           "average_bits": ck.average_bits, "checkpoint_bytes": ck.tensor_bytes,
+           "memory_model_bytes": ck.manifest["memory_bytes"]}
+    print_measure_table({"heldout_tokens": 32, "seq_len": 16, "gen_tokens": 1, "hardware": "cpu", "rows": [row]})
+    printed = capsys.readouterr().out
+    assert f"{ref['fake_quant_shipped_ppl']:.3f}" in printed and "+0.000%" in printed
+
+
 def test_cli_apply_load_generate(tiny_setup, capsys):
     out = str(tiny_setup["out"])
     assert main(["apply", str(tiny_setup["artifact_path"]), "-o", out]) == 0

@@ -2,15 +2,17 @@
 text generation, all through a checkpoint folder measured in a fresh process."""
 
 import copy
+import json
 import math
 
 import pytest
 import torch
 
+from empas_tui.cli import main
 from profiling.corpus import build_token_sets
 from profiling.inventory import build_inventory
 from profiling.models import LoadedModel
-from profiling.packed import as_shipped, generate_text, heldout_loss, measure_checkpoint
+from profiling.packed import as_shipped, generate_text, heldout_loss
 from profiling.quantizer import RTNQuantizer
 from profiling.runner import quantized_weights
 from storage.artifacts import save_artifact
@@ -29,7 +31,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def test_smollm_packed_checkpoint(smollm, tmp_path, one_thread):
+def test_smollm_packed_checkpoint(smollm, tmp_path, one_thread, capsys):
     genes = {"block.0": 8, "block.29": 8, "block.15": 16, "*": 4}
     artifact = artifact_for(smollm, genes)
     path = save_artifact(artifact, tmp_path / "mixed.json")
@@ -49,7 +51,12 @@ def test_smollm_packed_checkpoint(smollm, tmp_path, one_thread):
     with quantized_weights(smollm.model, inv.genes, bits, q):
         profiled = heldout_loss(smollm.model, tokens)
 
-    measured = measure_checkpoint(tmp_path / "packed", tokens, gen_tokens=4, threads=1, repeats=1)
+    # through the CLI: `empas measure DIR --json` measures it in a fresh process
+    assert main(["measure", str(tmp_path / "packed"), "--json", "--heldout-tokens", "256", "--gen-tokens", "4",
+                 "--threads", "1"]) == 0
+    table = json.loads(capsys.readouterr().out)
+    assert table["heldout_tokens"] == 256 and len(table["rows"]) == 1
+    measured = table["rows"][0]
     assert measured["kind"] == "packed" and measured["gen_tokens"] == 4
     assert measured["checkpoint_bytes"] == artifact.memory_bytes
     assert measured["heldout_loss"] == pytest.approx(shipped, rel=1e-5)

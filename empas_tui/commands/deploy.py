@@ -233,8 +233,8 @@ def _mib(x) -> str:
     return "-" if x is None else f"{x / MIB:.1f}"
 
 
-def print_measure_table(result: dict, stream=sys.stdout) -> None:
-    w = stream.write
+def print_measure_table(result: dict, stream=None) -> None:
+    w = (stream or sys.stdout).write
     header = (f"{'model':28} {'avg bits':>8} {'ckpt MiB':>9} {'resident':>9} {'peak RSS':>9} {'PPL':>9} "
               f"{'PPL fq':>9} {'tok/s':>7}")
     w(header + "\n")
