@@ -16,6 +16,7 @@ import sys
 COMMAND_MODULES = [
     "empas_tui.commands.profile",
     "empas_tui.commands.search",
+    "empas_tui.commands.deploy",
 ]
 
 
