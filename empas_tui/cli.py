@@ -18,6 +18,7 @@ TUI_OPTIONS = ("--storage", "--model")  # `empas --storage X` opens the TUI on t
 COMMAND_MODULES = [
     "empas_tui.commands.profile",
     "empas_tui.commands.search",
+    "empas_tui.commands.deploy",
 ]
 
 
@@ -88,7 +89,18 @@ def _log_engine_to_stderr() -> None:
     """Engine INFO messages (e.g. the one-off GGUF conversion) as short stderr lines; nothing else."""
     import logging
 
-    handler = logging.StreamHandler(sys.stderr)
+    class CurrentStderrHandler(logging.StreamHandler):
+        """Writes to whatever sys.stderr is now (tests and the TUI swap it), not the one at start."""
+
+        @property
+        def stream(self):
+            return sys.stderr
+
+        @stream.setter
+        def stream(self, _value):
+            pass
+
+    handler = CurrentStderrHandler()
     handler.setFormatter(logging.Formatter("empas: %(message)s"))
     for name in ("profiling", "search", "storage"):
         logger = logging.getLogger(name)

@@ -63,7 +63,7 @@ def test_search_end_to_end_on_a_model_folder(tiny_model_dir, tmp_path, capsys, o
     assert code == 0 and again["resumed"] and again["trials_total"] == 40 and again["first_generation"] == 3
     # by name only: no model needed
     code, out, err = run_cli(capsys, "search", "--study", name, "--storage", db, "--trials", "10")
-    assert code == 0 and "resumed" in out and "predicted loss" in out
+    assert code == 0 and "resumed" in out and "predicted loss" in out, err
     code, out, err = run_cli(capsys, "front", "--study", name, "--storage", db, "--exact", "--json")
     front = json.loads(out)
     assert code == 0 and front["trials_complete"] == 50 and front["points"] and front["exact"]

@@ -47,7 +47,8 @@ def _json_default(o):
 class ProgressBar:
     """A one-line progress bar on stderr for headless runs (no dependency, safe in pipes)."""
 
-    def __init__(self, label: str, enabled: bool = True, stream=sys.stderr):
+    def __init__(self, label: str, enabled: bool = True, stream=None):
+        stream = stream or sys.stderr
         self.label, self.enabled, self.stream = label, enabled and stream.isatty(), stream
         self._last = -1.0
 

@@ -79,7 +79,8 @@ def profile_json(profile, fidelity=None) -> dict:
     return out
 
 
-def print_table(profile, fidelity=None, limit: int = 40, stream=sys.stdout) -> None:
+def print_table(profile, fidelity=None, limit: int = 40, stream=None) -> None:
+    stream = stream or sys.stdout
     unit = "KL nats/token" if profile.metric == "kl" else "Fisher est. of KL"
     w = stream.write
     w(f"model {profile.model_id}  ({profile.granularity} genes: {profile.n_genes}, metric {profile.metric})\n")

@@ -210,7 +210,8 @@ def _point_rows(points, measured: bool, stream, limit: int = FRONT_TABLE_ROWS) -
         w(f"({limit} of {len(points)} points shown, evenly spread; --json lists all with per-gene bits)\n")
 
 
-def print_result(result, stream=sys.stdout) -> None:
+def print_result(result, stream=None) -> None:
+    stream = stream or sys.stdout
     w = stream.write
     state = "resumed" if result.resumed else "new"
     w(f"study {result.study_name} ({state}) in {result.storage}\n")
