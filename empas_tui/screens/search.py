@@ -153,6 +153,7 @@ diamond = the selected point. *HV ratio* = hypervolume of the front / that of th
         self.run_finished = threading.Event()  # set when the engine call has returned (tests, quitting)
         self.run_finished.set()
         self.more_generations = cfg.generations if cfg is not None else RESUME_GENERATIONS
+        self.study_exists = not start  # a new study exists once the engine has reported on it
 
     @classmethod
     def new(cls, cfg: RunConfig, profile, setup) -> "SearchScreen":
@@ -227,7 +228,7 @@ diamond = the selected point. *HV ratio* = hypervolume of the front / that of th
         self._exact_worker(front.profile, front.settings)
 
     def _compute_exact(self, profile, cfg) -> None:
-        self._exact_thread(profile, {})
+        self._exact_thread(profile, {"max_mib": cfg.max_mib} if cfg is not None else {})
 
     @work(thread=True, group="search-exact", exit_on_error=False)
     def _exact_thread(self, profile, settings: dict) -> None:
@@ -253,7 +254,7 @@ diamond = the selected point. *HV ratio* = hypervolume of the front / that of th
         if self.profile is None:
             self.notify("The study is still loading.", severity="warning")
             return
-        if self.cfg is not None and self.state == "loading":  # a new study: the setup's choices
+        if self.cfg is not None and not self.study_exists:  # a new study: the setup's choices
             settings = SearchSettings(study_name=self.study, population=self.cfg.population,
                                       generations=self.cfg.generations, seed=self.cfg.seed,
                                       evaluate=self.cfg.evaluate, max_mib=self.cfg.max_mib)
@@ -340,6 +341,7 @@ diamond = the selected point. *HV ratio* = hypervolume of the front / that of th
             return
         e = message.event
         self.event = e
+        self.study_exists = True
         self.trials_total = e.trials_total
         self.hv_ratio = e.hypervolume_ratio
         for p in self.points:  # what leaves the front stays visible, dimmed
@@ -353,11 +355,12 @@ diamond = the selected point. *HV ratio* = hypervolume of the front / that of th
 
     def on_search_screen_ended(self, message: Ended) -> None:
         if message.error:
-            self.state = "failed" if self.profile is not None else "failed"
+            self.state = "failed"
             self.message = f"[b red]error:[/] {message.error}"
             self.notify(message.error, title="Search", severity="error", timeout=10)
         else:
             r = message.result
+            self.study_exists = True
             self.state = "paused" if r.stopped else "done"
             self.points = list(r.front)
             self.trials_total = r.trials_total
