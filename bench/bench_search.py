@@ -266,6 +266,20 @@ def main() -> None:
     print(f"resume: generations {resumed.first_generation}..{resumed.last_generation}, "
           f"{resumed.trials_total} trials in the study", flush=True)
 
+    out["db_bytes"] = {"linear_front_params": (tmp / "main.db").stat().st_size,
+                       "linear_all_params": (tmp / "all.db").stat().st_size, "block": (tmp / "block.db").stat().st_size}
+    from storage.studies import open_fast_read_storage, open_storage
+
+    reads = {}
+    for label, opener in (("optuna_orm", open_storage), ("empas_columnwise", open_fast_read_storage)):
+        st = opener(main_url)
+        t = time.perf_counter()
+        n = len(st.get_all_trials(st.get_study_id_from_name("linear"), deepcopy=False))
+        reads[label] = time.perf_counter() - t
+    out["get_all_trials_seconds"] = reads
+    print(f"study sizes: {out['db_bytes']}; get_all_trials of {n} trials: Optuna's ORM {reads['optuna_orm']:.2f}s, "
+          f"column-wise {reads['empas_columnwise']:.2f}s", flush=True)
+
     # dashboard load (study endpoint, over HTTP on loopback)
     dash = {}
     for label, url, name in (("linear, front as params", main_url, "linear"),

@@ -105,11 +105,23 @@ class CachingStudyEndpoint:
         return [body]
 
 
+    def warm(self, study_id: int, query: str = "after=0") -> None:
+        """Compute and cache the study endpoint now (what the page asks for first)."""
+        from wsgiref.util import setup_testing_defaults
+
+        environ: dict = {}
+        setup_testing_defaults(environ)
+        environ.update({"REQUEST_METHOD": "GET", "PATH_INFO": f"/api/studies/{study_id}", "QUERY_STRING": query})
+        for _ in self(environ, lambda status, headers, exc_info=None: None):
+            pass
+
+
 @dataclass
 class DashboardServer:
     server: WSGIServer
     thread: threading.Thread | None
     port: int
+    app: CachingStudyEndpoint | None = None
 
     @property
     def url(self) -> str:
@@ -125,8 +137,10 @@ class DashboardServer:
         self.server.server_close()
 
 
-def start_dashboard(storage_url: str | None = None, port: int = 0, background: bool = True) -> DashboardServer:
-    """Start optuna-dashboard for the storage; ``background`` runs it in a daemon thread."""
+def start_dashboard(storage_url: str | None = None, port: int = 0, background: bool = True,
+                    warm: bool = False) -> DashboardServer:
+    """Start optuna-dashboard for the storage; ``background`` runs it in a daemon thread; ``warm``
+    prepares the most recently updated study's page in a background thread (so opening it is instant)."""
     import optuna_dashboard
 
     if not 0 <= int(port) <= 65535:
@@ -141,4 +155,19 @@ def start_dashboard(storage_url: str | None = None, port: int = 0, background: b
     if background:
         thread = threading.Thread(target=server.serve_forever, name="empas-dashboard", daemon=True)
         thread.start()
-    return DashboardServer(server, thread, server.server_port)
+    if warm:
+        threading.Thread(target=_warm_latest, args=(app, storage), name="empas-dashboard-warm", daemon=True).start()
+    return DashboardServer(server, thread, server.server_port, app)
+
+
+def _warm_latest(app: CachingStudyEndpoint, storage) -> None:
+    from storage.studies import trial_counts
+
+    try:
+        counts = trial_counts(storage)
+        latest = max((c["last"], sid) for sid, c in counts.items() if c["last"] is not None)[1] if counts else None
+        if latest is not None:
+            app.warm(latest)
+            app.warm(latest, f"after={sum(counts[latest]['states'].values())}")  # the page's first poll
+    except Exception:  # noqa: BLE001 - warming is an optimisation only
+        pass
