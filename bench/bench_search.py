@@ -1,8 +1,8 @@
 """Benchmark of the persistent NSGA-II search (issue 3): persistence approaches, time to 5,000 trials,
 hypervolume vs the exact front, dashboard load time.
 
-    python bench/bench_search.py                      # synthetic 210-gene SmolLM2-shaped profile
-    python bench/bench_search.py --profile-json real.json  # a real profile (Profile.to_dict) instead
+    python bench/bench_search.py               # SmolLM2-135M's real linear profile (bench/data, 210 genes)
+    python bench/bench_search.py --synthetic   # a synthetic profile with the same shapes instead
 
 Writes bench/results/search.json and prints a table. Every approach runs in this process, on the same
 profile and machine; the naive and add_trial baselines run fewer trials (they are 10-100x slower) and are
@@ -31,6 +31,7 @@ from search.synthetic import synthetic_profile  # noqa: E402
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 POP = 50
+REAL_PROFILE = Path(__file__).resolve().parent / "data" / "smollm2_linear_128tok.profile.json"
 
 
 # -- the baselines: Optuna's own write paths ------------------------------------------------------
@@ -66,8 +67,9 @@ def memory_then_add_trial(profile, storage, n, compact: bool, name: str):
     target = optuna.create_study(storage=storage, study_name=name, directions=["minimize"] * 2)
     t = time.perf_counter()
     for _ in range(n):
-        mem.optimize(objective, n_trials=1)
-        tr = mem.trials[-1]
+        trial = mem.ask()
+        mem.tell(trial, objective(trial))
+        tr = mem.get_trials(deepcopy=False)[-1]
         if compact:
             tr = FrozenTrial(number=0, state=tr.state, value=None, values=tr.values, datetime_start=tr.datetime_start,
                              datetime_complete=tr.datetime_complete, params={}, distributions={},
@@ -82,7 +84,9 @@ def memory_only(profile, n):
     mem = optuna.create_study(directions=["minimize"] * 2,
                               sampler=optuna.samplers.NSGAIISampler(population_size=POP, seed=0))
     t = time.perf_counter()
-    mem.optimize(objective, n_trials=n)
+    for _ in range(n):
+        trial = mem.ask()
+        mem.tell(trial, objective(trial))
     return time.perf_counter() - t
 
 
@@ -153,10 +157,13 @@ def dashboard_seconds(url: str, study_name: str, fast: bool) -> list[float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--profile-json", default=None,
-                    help="a Profile.to_dict() JSON file (e.g. from a real linear profile) instead of the synthetic one")
+    ap.add_argument("--profile-json", default=str(REAL_PROFILE),
+                    help="a Profile.to_dict() JSON file (default: SmolLM2-135M linear, 128 calibration tokens)")
+    ap.add_argument("--synthetic", action="store_true", help="use the synthetic SmolLM2-shaped profile")
+    ap.add_argument("--dashboard-all-params", action="store_true",
+                    help="also time the dashboard on the 5,000 x 210-param study (minutes)")
     ap.add_argument("--trials", type=int, default=5000)
-    ap.add_argument("--naive-trials", type=int, default=20)
+    ap.add_argument("--naive-trials", type=int, default=10)
     ap.add_argument("--add-trials", type=int, default=40)
     ap.add_argument("--all-params-trials", type=int, default=5000)
     ap.add_argument("--skip-plain-dashboard", action="store_true",
@@ -164,15 +171,16 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "search.json"))
     args = ap.parse_args()
 
-    if args.profile_json:
+    if not args.synthetic and Path(args.profile_json).is_file():
         from profiling.profile import Profile
 
         profile = Profile.from_dict(json.loads(Path(args.profile_json).read_text()))
-        source = f"real profile {args.profile_json}"
+        source = (f"real profile of {profile.model_id} ({profile.granularity}, {profile.metric}, "
+                  f"{profile.calibration_tokens} calibration tokens) from {Path(args.profile_json).name}")
     else:
         profile = synthetic_profile(granularity="linear")
         source = "synthetic SmolLM2-135M-shaped profile (real shapes and byte costs, made-up sensitivities)"
-    block = synthetic_profile(granularity="block")
+    block = synthetic_profile(granularity="block")  # no real block profile is stored: synthetic, same shapes
     space = SearchSpace.from_profile(profile)
     tmp = Path(tempfile.mkdtemp(prefix="empas-bench-"))
     out: dict = {"profile": source, "genes": profile.n_genes, "bits": profile.bits, "population": POP,
@@ -225,7 +233,7 @@ def main() -> None:
                                                          seed_front=0, name="unseeded")
     exact = exact_points(space)
     hv_table = {}
-    for label, hv, fronts in (("seeded (uniform + 12 exact-front points)", hv_seeded, fronts_seeded),
+    for label, hv, fronts in ((f"seeded (uniform + {POP // 4} exact-front points)", hv_seeded, fronts_seeded),
                               ("unseeded (uniform genomes only)", hv_unseeded, fronts_unseeded)):
         hv_table[label] = {str(g): {"hypervolume_ratio": hv.get(g),
                                     "kl_excess_at_budget": budget_gaps(space, exact, fronts[g]) if g in fronts else None}
@@ -258,11 +266,27 @@ def main() -> None:
     print(f"resume: generations {resumed.first_generation}..{resumed.last_generation}, "
           f"{resumed.trials_total} trials in the study", flush=True)
 
+    out["db_bytes"] = {"linear_front_params": (tmp / "main.db").stat().st_size,
+                       "linear_all_params": (tmp / "all.db").stat().st_size, "block": (tmp / "block.db").stat().st_size}
+    from storage.studies import open_fast_read_storage, open_storage
+
+    reads = {}
+    for label, opener in (("optuna_orm", open_storage), ("empas_columnwise", open_fast_read_storage)):
+        st = opener(main_url)
+        t = time.perf_counter()
+        n = len(st.get_all_trials(st.get_study_id_from_name("linear"), deepcopy=False))
+        reads[label] = time.perf_counter() - t
+    out["get_all_trials_seconds"] = reads
+    print(f"study sizes: {out['db_bytes']}; get_all_trials of {n} trials: Optuna's ORM {reads['optuna_orm']:.2f}s, "
+          f"column-wise {reads['empas_columnwise']:.2f}s", flush=True)
+
     # dashboard load (study endpoint, over HTTP on loopback)
     dash = {}
     for label, url, name in (("linear, front as params", main_url, "linear"),
                              ("block, all params", block_url, "block"),
                              ("linear, all params", all_url, "all-params")):
+        if name == "all-params" and not args.dashboard_all_params:
+            continue
         fast = dashboard_seconds(url, name, fast=True)
         entry = {"empas_dashboard_first_s": fast[0], "empas_dashboard_second_s": fast[1], "bytes": fast[2]}
         if not args.skip_plain_dashboard and name != "all-params":

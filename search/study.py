@@ -6,7 +6,8 @@ How a run works, and why:
   sampler's own ``sample_relative`` (parent selection, uniform crossover, mutation) and
   ``sample_independent`` (generation 0 and mutated genes) on a small in-memory *window* study that holds
   the last generation and its parents. Going through ``study.ask`` + 210 ``suggest_categorical`` costs
-  ~20 ms a trial in Optuna's bookkeeping alone; calling the sampler directly costs ~2.5 ms.
+  ~30 ms a trial in Optuna's bookkeeping alone (bench/bench_search.py); calling the sampler directly
+  costs ~3 ms.
 - **Evaluation is vectorised** over the whole generation (the proxy objectives are table look-ups), or
   one trial at a time in ``measured`` mode (real KL with every gene fake-quantised).
 - **Persistence is one transaction per generation** (:mod:`storage.studies`): the trials go into
@@ -380,6 +381,33 @@ class _Archive:
         self._seen = len(loss)
 
 
+_WINDOW_TRIAL = None
+
+
+def _window_trial_class():
+    """A FrozenTrial whose copies share nothing mutable but copy only shallowly. Optuna's in-memory
+    storage deep-copies every trial it is given (a third of the run time at 210 genes); the window's
+    trials are never modified after creation, so a copy of the dicts is enough."""
+    global _WINDOW_TRIAL
+    if _WINDOW_TRIAL is None:
+        import copy
+
+        from optuna.trial import FrozenTrial
+
+        class WindowTrial(FrozenTrial):
+            def __deepcopy__(self, memo):
+                new = copy.copy(self)
+                new._params = dict(self._params)
+                new._user_attrs = dict(self._user_attrs)
+                new._system_attrs = dict(self._system_attrs)
+                new._values = None if self._values is None else list(self._values)
+                new.intermediate_values = dict(self.intermediate_values)
+                return new
+
+        _WINDOW_TRIAL = WindowTrial
+    return _WINDOW_TRIAL
+
+
 class _Run:
     def __init__(self, settings: SearchSettings, profile: Profile, storage, study_id: int, url: str,
                  runner=None, progress=None, should_stop=None, resumed: bool = False):
@@ -476,24 +504,25 @@ class _Run:
         self.window_trials = 0
 
     def _frozen(self, idx, values, generation, constraints: dict[str, float]):
-        from optuna.trial import FrozenTrial, TrialState
+        from optuna.trial import TrialState
 
         now = datetime.now()
         bits = self.codec.bits[np.asarray(idx, dtype=np.int64)].tolist()
         system_attrs = {self.gen_key: int(generation)}
         system_attrs.update({st.CONSTRAINT_PREFIX + k: float(v) for k, v in constraints.items()})
-        return FrozenTrial(number=0, state=TrialState.COMPLETE, value=None, values=[float(v) for v in values],
+        return _window_trial_class()(number=0, state=TrialState.COMPLETE, value=None, values=[float(v) for v in values],
                            datetime_start=now, datetime_complete=now, params=dict(zip(self.names, bits)),
                            distributions=self.dists, user_attrs={}, system_attrs=system_attrs,
                            intermediate_values={}, trial_id=-1)
 
     def _window_add(self, frozen_trials: list, rdb_ids: list[int]) -> None:
-        for ft in frozen_trials:
-            self.window.add_trial(ft)
-        added = self.window.get_trials(deepcopy=False)[-len(frozen_trials):] if frozen_trials else []
-        for t, rid in zip(added, rdb_ids):
-            self.mem_to_rdb[t._trial_id] = rid
-            self.rdb_to_mem[rid] = t._trial_id
+        # Straight into the in-memory storage: these trials are valid by construction (Study.add_trial
+        # would validate every param again) and cheap to copy (see _window_trial_class).
+        storage, study_id = self.window._storage, self.window._study_id
+        for ft, rid in zip(frozen_trials, rdb_ids):
+            mem_id = storage.create_new_trial(study_id, template_trial=ft)
+            self.mem_to_rdb[mem_id] = rid
+            self.rdb_to_mem[rid] = mem_id
         self.window_trials += len(frozen_trials)
 
     def _set_window_parents(self, generation: int, rdb_ids: list[int]) -> None:
@@ -680,7 +709,15 @@ def run_search(settings: SearchSettings, profile: Profile, storage_url: str | No
         raise SearchError(f"the profile has only bits {profile.bits}: pass at least two bit-widths")
     url = resolve_storage_url(storage_url)
     storage = st.open_storage(url)
-    optuna = _quiet_optuna()
+    try:
+        return _run_search(settings, profile, url, storage, progress, should_stop, runner, started)
+    finally:
+        storage.engine.dispose()
+
+
+def _run_search(settings: SearchSettings, profile: Profile, url: str, storage, progress, should_stop, runner,
+                started: float) -> SearchResult:
+    _quiet_optuna()
     evaluate = settings.evaluate or "proxy"
     name = settings.study_name or default_study_name(profile, evaluate)
     study_id = _study_id(storage, name)
@@ -810,18 +847,35 @@ def _create_study(storage, name: str, profile: Profile, settings: SearchSettings
 
 # -- reading studies -----------------------------------------------------------------------------
 
-def _open_existing(storage_url: str | None, study_name: str):
-    url = resolve_storage_url(storage_url)
-    storage = st.open_storage(url)
+def _disposing(fn):
+    """Run ``fn(url, storage, *args)`` on a freshly opened storage and release its connections after
+    (the TUI calls these functions many times in one process)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(storage_url, *args, **kwargs):
+        url = resolve_storage_url(storage_url)
+        storage = st.open_storage(url)
+        try:
+            return fn(url, storage, *args, **kwargs)
+        finally:
+            storage.engine.dispose()
+
+    return wrapper
+
+
+def _existing_id(url: str, storage, study_name: str) -> int:
     study_id = _study_id(storage, study_name)
     if study_id is None:
         raise SearchError(f"no study named {study_name!r} in {redact(url)}: list them with `empas studies`")
-    return url, storage, study_id
+    return study_id
 
 
-def load_front(storage_url: str | None, study_name: str) -> FrontData:
-    """The study's feasible Pareto front (memory ascending), with its profile and settings."""
-    url, storage, study_id = _open_existing(storage_url, study_name)
+@_disposing
+def load_front(url: str, storage, study_name: str) -> FrontData:
+    """``load_front(storage_url, study_name)``: the study's feasible Pareto front (memory ascending), with
+    its profile and settings."""
+    study_id = _existing_id(url, storage, study_name)
     attrs = storage.get_study_user_attrs(study_id)
     if attrs.get(ATTR + "schema") is None:
         raise SearchError(f"study {study_name!r} is not an EMPAS study: pass another --study")
@@ -881,10 +935,10 @@ def exact_points(space: SearchSpace, settings: SearchSettings | None = None) -> 
             for i in np.flatnonzero(ok)]
 
 
-def study_info(storage_url: str | None, study_name: str) -> dict | None:
-    """The stored profile, settings and evaluate mode of an EMPAS study, or None if there is no such study."""
-    url = resolve_storage_url(storage_url)
-    storage = st.open_storage(url)
+@_disposing
+def study_info(url: str, storage, study_name: str) -> dict | None:
+    """``study_info(storage_url, study_name)``: the stored profile, settings and evaluate mode of an EMPAS
+    study, or None if there is no such study."""
     study_id = _study_id(storage, study_name)
     if study_id is None:
         return None
@@ -895,10 +949,10 @@ def study_info(storage_url: str | None, study_name: str) -> dict | None:
             "evaluate": attrs.get(ATTR + "evaluate", "proxy")}
 
 
-def list_studies(storage_url: str | None) -> list[dict]:
-    """One dict per study in the storage: name, model, granularity, genes, trials, front summary, last update."""
-    url = resolve_storage_url(storage_url)
-    storage = st.open_storage(url)
+@_disposing
+def list_studies(url: str, storage) -> list[dict]:
+    """``list_studies(storage_url)``: one dict per study in the storage: name, model, granularity, genes,
+    trials, front summary, last update."""
     counts = st.trial_counts(storage)
     out = []
     for study in storage.get_all_studies():
@@ -927,8 +981,10 @@ def list_studies(storage_url: str | None) -> list[dict]:
     return out
 
 
-def delete_study(storage_url: str | None, name: str) -> None:
-    url, storage, study_id = _open_existing(storage_url, name)
+@_disposing
+def delete_study(url: str, storage, name: str) -> None:
+    """``delete_study(storage_url, name)``: the study and all its trials, in one transaction."""
+    study_id = _existing_id(url, storage, name)
     try:
         st.delete_study_rows(storage, study_id)
     except Exception as exc:  # noqa: BLE001

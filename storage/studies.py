@@ -397,6 +397,23 @@ def study_system_attr(storage, study_id: int, key: str) -> Any:
     return json.loads(row[0]) if row else None
 
 
+def study_version(storage, study_id: int) -> tuple:
+    """Changes whenever a trial is added or finished or a study attribute is set (a cheap cache key)."""
+    from optuna.trial import TrialState
+
+    m = _models()
+    t = m.TrialModel.__table__
+    ssa, sua = m.StudySystemAttributeModel.__table__, m.StudyUserAttributeModel.__table__
+    with storage.engine.connect() as conn:
+        trials = conn.execute(select(func.count(t.c.trial_id), func.max(t.c.trial_id), func.max(t.c.datetime_complete))
+                              .where(t.c.study_id == study_id)).one()
+        running = conn.execute(select(func.count(t.c.trial_id)).where(t.c.study_id == study_id,
+                                                                      t.c.state != TrialState.COMPLETE)).scalar_one()
+        attrs = [conn.execute(select(func.count(a.c.key), func.max(a.c[pk])).where(a.c.study_id == study_id)).one()
+                 for a, pk in ((ssa, "study_system_attribute_id"), (sua, "study_user_attribute_id"))]
+    return (tuple(trials), running, tuple(map(tuple, attrs)))
+
+
 def trial_counts(storage) -> dict[int, dict[str, Any]]:
     """Per study id: trials by state and the time of the last finished trial."""
     m = _models()

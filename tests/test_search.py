@@ -267,8 +267,13 @@ def test_dashboard_serves_the_study(db):
         base = f"http://127.0.0.1:{server.port}"
         studies = json.load(urllib.request.urlopen(base + "/api/studies", timeout=30))["study_summaries"]
         assert [s["study_name"] for s in studies] == [r.study_name]
-        detail = json.load(urllib.request.urlopen(f"{base}/api/studies/{studies[0]['study_id']}", timeout=30))
+        endpoint = f"{base}/api/studies/{studies[0]['study_id']}"
+        first = urllib.request.urlopen(endpoint, timeout=30).read()
+        detail = json.loads(first)
         assert len(detail["trials"]) == 16 and detail["best_trials"]
+        assert urllib.request.urlopen(endpoint, timeout=30).read() == first  # unchanged study: cached
+        run_search(SearchSettings(study_name=r.study_name, trials=8), small_profile(), db)
+        assert len(json.load(urllib.request.urlopen(endpoint, timeout=30))["trials"]) == 24  # new trials seen
     finally:
         server.shutdown()
 
@@ -332,3 +337,36 @@ def test_measured_mode_on_tiny_model(tiny_loaded, db, one_torch_thread):
     assert t.user_attrs["predicted_loss"] == pytest.approx(profile.predicted_loss(bits))
     front = load_front(db, r.study_name)
     assert front.evaluate == "measured" and all(p.measured is not None for p in front.points)
+
+
+@pytest.mark.postgres
+def test_postgres_roundtrip():
+    """Same machinery on PostgreSQL (set EMPAS_TEST_POSTGRES_URL, e.g. postgresql://user@127.0.0.1/db)."""
+    import os
+    import uuid
+
+    url = os.environ.get("EMPAS_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("EMPAS_TEST_POSTGRES_URL is not set")
+    name = f"pg-{uuid.uuid4().hex[:8]}"
+    profile = small_profile(blocks=10, granularity="linear")
+    lo = profile.memory_bytes([2] * profile.n_genes) / 2**20
+    try:
+        first = run_search(SearchSettings(study_name=name, population=10, trials=30, max_mib=lo * 1.6), profile, url)
+        again = run_search(SearchSettings(study_name=name, trials=20), profile, url)
+        assert again.first_generation == 3 and again.trials_total == 50
+        study = load(url, name)
+        assert [t.number for t in study.trials] == list(range(50))
+        assert study.best_trials and all(list(t.params) == profile.gene_names for t in study.best_trials)
+        assert all(t.values[1] / 2**20 <= lo * 1.6 for t in study.best_trials)
+        info = study_info(url, name)
+        np.testing.assert_array_equal(info["profile"].sensitivity, profile.sensitivity)
+        storage, fast = open_storage(url), open_fast_read_storage(url)
+        sid = storage.get_study_id_from_name(name)
+        assert fast.get_all_trials(sid) == storage.get_all_trials(sid)
+        assert first.front and load_front(url, name).points
+        assert name in [r["name"] for r in list_studies(url)]
+    finally:
+        if study_info(url, name) is not None:
+            delete_study(url, name)
+    assert study_info(url, name) is None

@@ -288,7 +288,7 @@ def run_dashboard(args) -> int:
     from storage.urls import redact, resolve_storage_url
 
     url = resolve_storage_url(args.storage)
-    server = start_dashboard(url, args.port, background=False)
+    server = start_dashboard(url, args.port, background=False, warm=True)
     try:
         user = getpass.getuser()
     except Exception:  # noqa: BLE001 - no user name in some containers
