@@ -47,6 +47,18 @@ def archetypes_available() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("search.archetypes", "profiling.validation"))
 
 
+def unique_points(points) -> list:
+    """One row per distinct (memory, loss): NSGA-II re-finds the same genome, and the engine's weak
+    front keeps every copy; the lowest trial number stands for them."""
+    seen, out = set(), []
+    for p in sorted(points, key=lambda p: (p.memory_bytes, p.loss, p.trial_number)):
+        key = (p.memory_bytes, round(p.loss, 12))
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+    return out
+
+
 def rise_text(delta_loss: float) -> str:
     """PPL change over dense: '+3.2%' when small, 'x41' when the genome ruins the model."""
     ratio = math.exp(min(delta_loss, 700.0))
@@ -317,7 +329,7 @@ diamond = the selected point. *HV ratio* = hypervolume of the front / that of th
     def on_search_screen_loaded(self, message: Loaded) -> None:
         f = message.front
         self.profile = f.profile
-        self.points = list(f.points)
+        self.points = unique_points(f.points)
         self.settings = f.settings
         self.trials_total = f.trials_complete
         self.hv_ratio = f.hypervolume_ratio
@@ -346,7 +358,7 @@ diamond = the selected point. *HV ratio* = hypervolume of the front / that of th
         self.hv_ratio = e.hypervolume_ratio
         for p in self.points:  # what leaves the front stays visible, dimmed
             self.history[(p.memory_bytes, p.loss)] = None
-        self.points = list(e.front)
+        self.points = unique_points(e.front)
         if self.points and self.selected_trial is None:
             self.selected_trial = self.points[len(self.points) // 2].trial_number
         if e.kind == "start":
@@ -362,7 +374,7 @@ diamond = the selected point. *HV ratio* = hypervolume of the front / that of th
             r = message.result
             self.study_exists = True
             self.state = "paused" if r.stopped else "done"
-            self.points = list(r.front)
+            self.points = unique_points(r.front)
             self.trials_total = r.trials_total
             self.hv_ratio = r.hypervolume_ratio
             self.evaluate = r.evaluate
