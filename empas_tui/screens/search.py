@@ -335,7 +335,7 @@ diamond = the selected point. *HV ratio* = hypervolume of the front / that of th
         self.hv_ratio = f.hypervolume_ratio
         self.evaluate = f.evaluate
         self.state = "paused"
-        self.message = (f"loaded: {f.trials_complete} trials, {len(f.points)} front points. "
+        self.message = (f"loaded: {f.trials_complete} trials, {len(self.points)} front points. "
                         f"Press [b]p[/] to run more generations, [b]a[/] for archetypes.")
         if self.points and self.selected_trial is None:
             self.selected_trial = self.points[len(self.points) // 2].trial_number
@@ -381,9 +381,9 @@ diamond = the selected point. *HV ratio* = hypervolume of the front / that of th
             self.settings = r.settings
             what = "paused" if r.stopped else "finished"
             self.message = (f"{what}: {r.trials_run} trials this run in {fmt_seconds(r.seconds)} "
-                            f"({r.trials_per_s:.0f}/s), {len(r.front)} front points. "
+                            f"({r.trials_per_s:.0f}/s), {len(self.points)} front points. "
                             f"[b]p[/] {'resume' if r.stopped else 'run more'}, [b]a[/] archetypes.")
-            self.notify(f"Search {what}: {len(r.front)} points on the front.", title=self.study)
+            self.notify(f"Search {what}: {len(self.points)} points on the front.", title=self.study)
         self._dirty = self._table_dirty = True
         self.refresh_bindings()
         self._redraw()
@@ -415,7 +415,7 @@ diamond = the selected point. *HV ratio* = hypervolume of the front / that of th
             parts.append(f"HV ratio {self.hv_ratio:.4f}")
         parts.append(f"front {len(self.points)}")
         if self.clipped:
-            parts.append(f"[dim]plot: PPL <= {PLOT_PPL_FACTOR:g}x dense (z: all)[/]")
+            parts.append(f"[dim]plot PPL<={PLOT_PPL_FACTOR:g}x (z)[/]")
         return "  ".join(parts)
 
     def _tick(self) -> None:
