@@ -229,7 +229,8 @@ def run_profile(setup: ProfileSetup, bits: list[int], store=None, progress: Prog
         "corpus_source": setup.tokens.source, "corpus_fingerprint": setup.tokens.fingerprint,
         "calibration_tokens": setup.tokens.calibration_tokens, "quantizer": setup.quantizer.settings(),
         "granularity": inv.granularity, "metric": setup.metric, "gene_names": inv.gene_names(),
-        "base_loss": base_loss,
+        "base_loss": base_loss, "heldout_tokens": setup.tokens.heldout_tokens,
+        "seq_len": int(setup.tokens.calibration.shape[1]),
     }
     if store is not None:
         store.ensure_header(key, header)

@@ -49,10 +49,21 @@ class ProfileStore:
         kwargs = {"connect_args": {"timeout": 30}} if self.url.startswith("sqlite") else {}
         self.engine = create_engine(self.url, **kwargs)
         try:
-            metadata.create_all(self.engine)
+            self._create_tables()
         except SQLAlchemyError as exc:
             raise StorageError(f"cannot create EMPAS tables in {redact(self.url)}: "
                                f"{type(exc).__name__}; check write permission") from None
+
+    def _create_tables(self, attempts: int = 3) -> None:
+        """Create the tables; another process creating them at the same moment is not an error."""
+        for attempt in range(attempts):
+            try:
+                metadata.create_all(self.engine)
+                return
+            except SQLAlchemyError:
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
 
     def header(self, key: str) -> dict | None:
         with self.engine.connect() as conn:
