@@ -84,3 +84,23 @@ def test_non_utf8_artifact(tmp_path):
     p.write_bytes(b"\xff\xfe{}")
     with pytest.raises(ArtifactError, match="not valid JSON"):
         load_artifact(p)
+
+
+def test_concurrent_first_open_creates_tables_once(tmp_path):
+    import threading
+
+    url = f"sqlite:///{tmp_path / 'race.db'}"
+    errors = []
+
+    def open_store():
+        try:
+            ProfileStore(url).add_entries("k", {})
+        except Exception as exc:  # noqa: BLE001 - the assertion reports it
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=open_store) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
