@@ -159,10 +159,16 @@ def open_fast_read_storage(url: str | None = None):
 # -- chunked JSON study attributes ---------------------------------------------------------------
 
 def set_study_user_attrs(storage, study_id: int, attrs: dict[str, Any]) -> None:
-    """Set several study user attributes in one transaction (Optuna's API commits each one)."""
-    t = _models().StudyUserAttributeModel.__table__
+    """Set several study user attributes in one transaction (Optuna's API commits each one).
+
+    The study row is locked first (as in :func:`insert_trials`): two workers resuming the same study on
+    PostgreSQL otherwise both delete the old value and both insert, and one hits the unique key."""
+    m = _models()
+    t = m.StudyUserAttributeModel.__table__
+    studies = m.StudyModel.__table__
     rows = [{"study_id": study_id, "key": k, "value_json": json.dumps(v)} for k, v in attrs.items()]
     with storage.engine.begin() as conn:
+        conn.execute(studies.update().where(studies.c.study_id == study_id).values(study_name=studies.c.study_name))
         conn.execute(t.delete().where(t.c.study_id == study_id, t.c.key.in_(list(attrs))))
         if rows:
             conn.execute(t.insert(), rows)
@@ -185,13 +191,13 @@ def get_study_json(user_attrs: dict, key: str) -> Any:
     head = user_attrs.get(key)
     if not isinstance(head, dict) or "chunks" not in head:
         return None
-    try:
+    try:  # a damaged attribute (missing chunk, wrong type, bad JSON) reads as absent
         text = "".join(user_attrs[f"{key}:{i}"] for i in range(int(head["chunks"])))
-    except KeyError:
+        if len(text) != head.get("chars", len(text)):
+            return None
+        return json.loads(text)
+    except (KeyError, TypeError, ValueError):
         return None
-    if len(text) != head.get("chars", len(text)):
-        return None
-    return json.loads(text)
 
 
 # -- bulk trial writes ---------------------------------------------------------------------------
@@ -334,6 +340,9 @@ def read_trials(storage, study_id: int, with_params_for_missing_genome: Iterable
             table.has_params.append(False)
         if not rows:
             return table
+        # Each SELECT below may see trials another writer committed after the first one (READ COMMITTED
+        # on PostgreSQL, one snapshot per statement on SQLite): rows of trials not in ``index`` are
+        # skipped. Trials are only ever written whole (one transaction), so indexed ones are complete.
         in_study = select(trials.c.trial_id).where(trials.c.study_id == study_id)
         vals: dict[int, dict[int, float]] = {}
         from optuna.storages._rdb.models import TrialValueModel
@@ -343,13 +352,16 @@ def read_trials(storage, study_id: int, with_params_for_missing_genome: Iterable
                 .where(values_t.c.trial_id.in_(in_study))):
             vals.setdefault(tid, {})[objective] = TrialValueModel.stored_repr_to_value(value, vtype)
         for tid, d in vals.items():
-            table.values[index[tid]] = tuple(d[k] for k in sorted(d))
+            if tid in index:
+                table.values[index[tid]] = tuple(d[k] for k in sorted(d))
         for tid, key, value_json in conn.execute(
                 select(sattrs_t.c.trial_id, sattrs_t.c.key, sattrs_t.c.value_json)
                 .where(sattrs_t.c.trial_id.in_(in_study))
                 .where((sattrs_t.c.key == GENERATION_KEY) | sattrs_t.c.key.startswith(CONSTRAINT_PREFIX)
                        | (sattrs_t.c.key == "constraints"))):
-            i = index[tid]
+            i = index.get(tid)
+            if i is None:  # committed by another writer after the first SELECT
+                continue
             value = json.loads(value_json)
             if key == GENERATION_KEY:
                 table.generation[i] = int(value)
@@ -362,14 +374,16 @@ def read_trials(storage, study_id: int, with_params_for_missing_genome: Iterable
             for tid, key, value_json in conn.execute(
                     select(uattrs_t.c.trial_id, uattrs_t.c.key, uattrs_t.c.value_json)
                     .where(uattrs_t.c.trial_id.in_(in_study)).where(uattrs_t.c.key.in_(keys))):
-                i = index[tid]
+                i = index.get(tid)
+                if i is None:
+                    continue
                 value = json.loads(value_json)
                 table.user_attrs[i][key] = value
                 if key == BITS_ATTR and isinstance(value, str):
                     table.genome[i] = value
         with_params = set(conn.execute(select(params_t.c.trial_id).where(params_t.c.trial_id.in_(in_study))
                                        .distinct()).scalars())
-        for tid in with_params:
+        for tid in with_params & index.keys():
             table.has_params[index[tid]] = True
         gene_names = list(with_params_for_missing_genome or [])
         missing = [table.trial_id[i] for i in range(len(table)) if table.genome[i] is None and table.has_params[i]]
