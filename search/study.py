@@ -736,8 +736,9 @@ def run_search(settings: SearchSettings, profile: Profile, storage_url: str | No
 
 
 def _run_search(settings: SearchSettings, profile: Profile, url: str, storage, progress, should_stop, runner,
-                started: float) -> SearchResult:
+                started: float, _retry: bool = False) -> SearchResult:
     _quiet_optuna()
+    original, profile_in = settings, profile
     evaluate = settings.evaluate or "proxy"
     name = settings.study_name or default_study_name(profile, evaluate)
     study_id = _study_id(storage, name)
@@ -762,6 +763,11 @@ def _run_search(settings: SearchSettings, profile: Profile, url: str, storage, p
     run = _Run(settings, profile, storage, study_id or -1, url, runner, progress, should_stop, resumed)
     if study_id is None:
         study_id = _create_study(storage, name, profile, settings)
+        if study_id is None:  # another worker created it a moment ago: join it as a resume
+            if _retry:
+                raise SearchError(f"study {name!r} was just created by another process: run the command again")
+            return _run_search(original, profile_in, url, storage, progress, should_stop, runner, started,
+                               _retry=True)
         run.study_id = study_id
     else:
         st.set_study_user_attrs(storage, study_id, {ATTR + "settings": settings.stored()})
@@ -842,16 +848,9 @@ def _run_search(settings: SearchSettings, profile: Profile, url: str, storage, p
         gene_names=list(profile.gene_names))
 
 
-def _create_study(storage, name: str, profile: Profile, settings: SearchSettings) -> int:
-    import optuna
-    from optuna.study import StudyDirection
-
-    try:
-        study_id = storage.create_new_study([StudyDirection.MINIMIZE, StudyDirection.MINIMIZE], name)
-    except optuna.exceptions.DuplicatedStudyError:
-        raise SearchError(f"study {name!r} was just created by another process: run the command again") from None
+def _create_study(storage, name: str, profile: Profile, settings: SearchSettings) -> int | None:
+    """The study with every attribute, in one transaction; None if another worker created it first."""
     loss_name = "measured_loss" if settings.evaluate == "measured" else "predicted_loss"
-    storage.set_study_system_attr(study_id, "study:metric_names", [loss_name, "memory_bytes"])
     attrs = {ATTR + key: value for key, value in (
         ("model_id", profile.model_id), ("model_fingerprint", profile.model_fingerprint),
         ("granularity", profile.granularity), ("metric", profile.metric), ("bits", list(profile.bits)),
@@ -860,9 +859,8 @@ def _create_study(storage, name: str, profile: Profile, settings: SearchSettings
         ("genome_attr", f"trial user attribute {st.BITS_ATTR!r}: one bit-width per gene, in the order of "
                         f"the profile's gene_names"))}
     attrs.update(st.json_chunks(ATTR + "profile", profile.to_dict()))
-    attrs[ATTR + "schema"] = SCHEMA  # marks the study complete: written in the same transaction
-    st.set_study_user_attrs(storage, study_id, attrs)
-    return study_id
+    attrs[ATTR + "schema"] = SCHEMA
+    return st.create_study_rows(storage, name, 2, {"study:metric_names": [loss_name, "memory_bytes"]}, attrs)
 
 
 # -- reading studies -----------------------------------------------------------------------------

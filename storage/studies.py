@@ -60,14 +60,24 @@ def open_storage(url: str | None = None, sqlite_timeout: float | None = None):
     if url.startswith("sqlite"):
         timeout = sqlite_timeout if sqlite_timeout is not None else float(os.environ.get("EMPAS_SQLITE_TIMEOUT", 30))
         kwargs = {"connect_args": {"timeout": timeout}}
-    try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
-    except RuntimeError as exc:  # schema of another Optuna version
-        raise StorageError(f"{redact(url)}: {_one_line(exc)}") from None
-    except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:
-        reason = _one_line(exc.__cause__ or exc)
-        hint = " (another process holds a write lock: wait or stop it)" if "locked" in reason else ""
-        raise StorageError(f"cannot use storage {redact(url)}: {reason}{hint}") from None
+    for attempt in range(4):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        except RuntimeError as exc:  # schema of another Optuna version
+            raise StorageError(f"{redact(url)}: {_one_line(exc)}") from None
+        except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:
+            reason = _one_line(exc.__cause__ or exc)
+            # Several workers opening a new, empty database race to create Optuna's tables and its
+            # alembic_version row; the losers fail on a unique key / existing table. By the next try
+            # the schema is there.
+            if attempt < 3 and any(k in reason.lower() for k in ("unique", "already exists", "duplicate")):
+                import time
+
+                time.sleep(0.2 * (attempt + 1))
+                continue
+            break
+    hint = " (another process holds a write lock: wait or stop it)" if "locked" in reason else ""
+    raise StorageError(f"cannot use storage {redact(url)}: {reason}{hint}") from None
 
 
 def storage_error(url: str, exc: BaseException) -> StorageError:
@@ -172,6 +182,33 @@ def set_study_user_attrs(storage, study_id: int, attrs: dict[str, Any]) -> None:
         conn.execute(t.delete().where(t.c.study_id == study_id, t.c.key.in_(list(attrs))))
         if rows:
             conn.execute(t.insert(), rows)
+
+
+def create_study_rows(storage, name: str, n_objectives: int, system_attrs: dict[str, Any],
+                      user_attrs: dict[str, Any]) -> int | None:
+    """Create a minimising study with all its attributes in ONE transaction; None if the name is taken.
+
+    Optuna's ``create_new_study`` commits the bare study first; a worker that starts at the same moment
+    would see a study without EMPAS attributes and take it for one left half-created by a crash. Here
+    another process sees either no study or a complete one."""
+    from optuna.study import StudyDirection
+    from sqlalchemy.exc import IntegrityError
+
+    m = _models()
+    studies, directions = m.StudyModel.__table__, m.StudyDirectionModel.__table__
+    ssa, sua = m.StudySystemAttributeModel.__table__, m.StudyUserAttributeModel.__table__
+    try:
+        with storage.engine.begin() as conn:
+            study_id = int(conn.execute(studies.insert().values(study_name=name)).inserted_primary_key[0])
+            conn.execute(directions.insert(), [{"study_id": study_id, "objective": k,
+                                                "direction": StudyDirection.MINIMIZE} for k in range(n_objectives)])
+            for table, attrs in ((ssa, system_attrs), (sua, user_attrs)):
+                if attrs:
+                    conn.execute(table.insert(), [{"study_id": study_id, "key": k, "value_json": json.dumps(v)}
+                                                  for k, v in attrs.items()])
+    except IntegrityError:  # unique study_name: another worker created it first
+        return None
+    return study_id
 
 
 def json_chunks(key: str, obj: Any, chunk_chars: int = CHUNK_CHARS) -> dict[str, Any]:

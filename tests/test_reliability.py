@@ -185,3 +185,26 @@ def test_four_concurrent_workers_on_one_study(storage_url):
     assert counts["failed"] == 0 and counts["duplicates"] == 0
     kind = storage_url.split(":", 1)[0].split("+")[0]
     record("four_workers", storage=kind, workers=WORKERS, trials_per_worker=TRIALS_PER_WORKER, **counts)
+
+
+def test_four_workers_create_one_new_study(storage_url):
+    """Four workers started at once on a study that does not exist yet: one creates it (in one
+    transaction), the others join it as a resume; nobody fails, nothing is deleted."""
+    code = ("import sys, json\n"
+            "from search.study import SearchSettings, run_search\n"
+            "from search.synthetic import synthetic_profile\n"
+            "r = run_search(SearchSettings(study_name=sys.argv[2], population=10, trials=50, seed=int(sys.argv[3])),\n"
+            "               synthetic_profile(blocks=4, granularity='linear'), sys.argv[1])\n"
+            "print(json.dumps({'resumed': r.resumed, 'run': r.trials_run}))\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, storage_url, STUDY, str(w)], cwd=ROOT, env=cli_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for w in range(WORKERS)]
+    results = [p.communicate(timeout=300) for p in procs]
+    for proc, (out, err) in zip(procs, results):
+        assert proc.returncode == 0, err
+        assert err.strip() == "", err
+    runs = [json.loads(out) for out, _ in results]
+    assert sum(not r["resumed"] for r in runs) >= 1
+    counts = check_study(storage_url)
+    assert counts["complete"] == WORKERS * 50
+    kind = storage_url.split(":", 1)[0].split("+")[0]
+    record("four_workers_new_study", storage=kind, created=sum(not r["resumed"] for r in runs), **counts)
