@@ -114,7 +114,7 @@ def test_kill_9_search_loses_at_most_the_generation_in_flight(tmp_path):
         before = n_trials(url)
         proc = empas("search", "--study", STUDY, "--storage", url, "--trials", "100000000", "--json")
         # the CLI needs ~1-3 s to import; kill anywhere from start-up to deep into the search
-        time.sleep(rng.uniform(0.5, 6.0))
+        time.sleep(rng.uniform(0.5, 4.5))
         proc.send_signal(signal.SIGKILL)
         proc.communicate()
         assert proc.returncode == -signal.SIGKILL
@@ -132,8 +132,7 @@ def test_kill_9_search_loses_at_most_the_generation_in_flight(tmp_path):
     assert "Traceback" not in err
     counts = check_study(url)
     assert counts["complete"] == P + sum(added) + 2 * P
-    record("kill9_search", kills=KILLS, trials_added_per_run=added, trials_lost_max=P - 1 if any(added) else 0,
-           **counts)
+    record("kill9_search", kills=KILLS, trials_added_per_run=added, **counts)
 
 
 def test_kill_9_during_atomic_write_leaves_old_or_new_file(tmp_path):
