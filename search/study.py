@@ -47,6 +47,7 @@ SCHEMA = 1
 EVALUATE_MODES = ("proxy", "measured")
 PARAM_POLICIES = ("auto", "all", "front")
 AUTO_ALL_PARAMS_MAX_GENES = 64  # "auto": every trial as params up to this many genes (block: 30)
+MAX_POPULATION = 100_000  # one generation is sampled and written in memory at once
 WINDOW_GENERATIONS = 8  # the in-memory window is rebuilt once it holds this many populations
 ATTR = "empas:"
 
@@ -102,8 +103,16 @@ class SearchSettings:
             raise SearchError(f"evaluate mode {self.evaluate!r} is not one of {', '.join(EVALUATE_MODES)}")
         if self.params is not None and self.params not in PARAM_POLICIES:
             raise SearchError(f"params policy {self.params!r} is not one of {', '.join(PARAM_POLICIES)}")
+        if self.population is not None and self.population > MAX_POPULATION:
+            raise SearchError(f"population {self.population} is too large: pass --population {MAX_POPULATION} or less")
+        for name, flag in (("max_mib", "--max-mib"), ("min_avg_bits", "--min-avg-bits")):
+            v = getattr(self, name)  # inf would be stored and break JSON output; NaN compares false
+            if v is not None and not math.isfinite(float(v)):
+                raise SearchError(f"{flag} {v} must be a finite number")
         if self.max_mib is not None and not float(self.max_mib) > 0:
             raise SearchError(f"--max-mib {self.max_mib} must be positive")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**32):
+            raise SearchError(f"seed {self.seed} must be between 0 and 4294967295")  # numpy's seed range
         if self.seed_front is not None and self.seed_front < 0:
             raise SearchError("seed_front must be >= 0")
 
@@ -288,7 +297,18 @@ def _stored_profile(attrs: dict, name: str) -> Profile:
     if data is None:
         raise SearchError(f"study {name!r} has no stored EMPAS profile (not an EMPAS study, or damaged): "
                           f"pass another --study")
-    return Profile.from_dict(data)
+    try:
+        return Profile.from_dict(data)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        raise SearchError(f"study {name!r} has a damaged EMPAS profile ({type(exc).__name__}): "
+                          f"pass another --study") from None
+
+
+def _stored_settings(attrs: dict, name: str) -> dict:
+    settings = attrs.get(ATTR + "settings") or {}
+    if not isinstance(settings, dict):
+        raise SearchError(f"study {name!r} has damaged EMPAS settings: pass another --study")
+    return dict(settings)
 
 
 def _check_compatible(name: str, stored: Profile, profile: Profile) -> None:
@@ -493,7 +513,7 @@ class _Run:
         sampler = self.NSGAIISampler(
             population_size=self.P, crossover_prob=float(self.settings.crossover_prob),
             swapping_prob=float(self.settings.swapping_prob), mutation_prob=self.settings.mutation_prob,
-            seed=None if seed is None else int(seed) + seed_offset)
+            seed=None if seed is None else (int(seed) + seed_offset) % 2**32)
         self.sampler = sampler
         self._reset_window_study()
 
@@ -716,8 +736,9 @@ def run_search(settings: SearchSettings, profile: Profile, storage_url: str | No
 
 
 def _run_search(settings: SearchSettings, profile: Profile, url: str, storage, progress, should_stop, runner,
-                started: float) -> SearchResult:
+                started: float, _retry: bool = False) -> SearchResult:
     _quiet_optuna()
+    original, profile_in = settings, profile
     evaluate = settings.evaluate or "proxy"
     name = settings.study_name or default_study_name(profile, evaluate)
     study_id = _study_id(storage, name)
@@ -734,7 +755,7 @@ def _run_search(settings: SearchSettings, profile: Profile, url: str, storage, p
             stored_profile = _stored_profile(attrs, name)
             _check_compatible(name, stored_profile, profile)
             profile = stored_profile
-            stored_settings = attrs.get(ATTR + "settings") or {}
+            stored_settings = _stored_settings(attrs, name)
             resumed = True
     settings = settings.resolved(stored_settings, name)
     if settings.min_avg_bits is not None and not min(profile.bits) <= settings.min_avg_bits <= max(profile.bits):
@@ -742,6 +763,11 @@ def _run_search(settings: SearchSettings, profile: Profile, url: str, storage, p
     run = _Run(settings, profile, storage, study_id or -1, url, runner, progress, should_stop, resumed)
     if study_id is None:
         study_id = _create_study(storage, name, profile, settings)
+        if study_id is None:  # another worker created it a moment ago: join it as a resume
+            if _retry:
+                raise SearchError(f"study {name!r} was just created by another process: run the command again")
+            return _run_search(original, profile_in, url, storage, progress, should_stop, runner, started,
+                               _retry=True)
         run.study_id = study_id
     else:
         st.set_study_user_attrs(storage, study_id, {ATTR + "settings": settings.stored()})
@@ -822,16 +848,9 @@ def _run_search(settings: SearchSettings, profile: Profile, url: str, storage, p
         gene_names=list(profile.gene_names))
 
 
-def _create_study(storage, name: str, profile: Profile, settings: SearchSettings) -> int:
-    import optuna
-    from optuna.study import StudyDirection
-
-    try:
-        study_id = storage.create_new_study([StudyDirection.MINIMIZE, StudyDirection.MINIMIZE], name)
-    except optuna.exceptions.DuplicatedStudyError:
-        raise SearchError(f"study {name!r} was just created by another process: run the command again") from None
+def _create_study(storage, name: str, profile: Profile, settings: SearchSettings) -> int | None:
+    """The study with every attribute, in one transaction; None if another worker created it first."""
     loss_name = "measured_loss" if settings.evaluate == "measured" else "predicted_loss"
-    storage.set_study_system_attr(study_id, "study:metric_names", [loss_name, "memory_bytes"])
     attrs = {ATTR + key: value for key, value in (
         ("model_id", profile.model_id), ("model_fingerprint", profile.model_fingerprint),
         ("granularity", profile.granularity), ("metric", profile.metric), ("bits", list(profile.bits)),
@@ -840,9 +859,8 @@ def _create_study(storage, name: str, profile: Profile, settings: SearchSettings
         ("genome_attr", f"trial user attribute {st.BITS_ATTR!r}: one bit-width per gene, in the order of "
                         f"the profile's gene_names"))}
     attrs.update(st.json_chunks(ATTR + "profile", profile.to_dict()))
-    attrs[ATTR + "schema"] = SCHEMA  # marks the study complete: written in the same transaction
-    st.set_study_user_attrs(storage, study_id, attrs)
-    return study_id
+    attrs[ATTR + "schema"] = SCHEMA
+    return st.create_study_rows(storage, name, 2, {"study:metric_names": [loss_name, "memory_bytes"]}, attrs)
 
 
 # -- reading studies -----------------------------------------------------------------------------
@@ -881,7 +899,7 @@ def load_front(url: str, storage, study_name: str) -> FrontData:
         raise SearchError(f"study {study_name!r} is not an EMPAS study: pass another --study")
     profile = _stored_profile(attrs, study_name)
     space = SearchSpace.from_profile(profile)
-    settings = dict(attrs.get(ATTR + "settings") or {})
+    settings = _stored_settings(attrs, study_name)
     evaluate = attrs.get(ATTR + "evaluate", "proxy")
     codec = _Genomes(space)
     table = st.read_trials(storage, study_id, with_params_for_missing_genome=space.gene_names,
@@ -945,7 +963,7 @@ def study_info(url: str, storage, study_name: str) -> dict | None:
     attrs = storage.get_study_user_attrs(study_id)
     if attrs.get(ATTR + "schema") is None:
         raise SearchError(f"study {study_name!r} is not an EMPAS study: pass another --study")
-    return {"profile": _stored_profile(attrs, study_name), "settings": dict(attrs.get(ATTR + "settings") or {}),
+    return {"profile": _stored_profile(attrs, study_name), "settings": _stored_settings(attrs, study_name),
             "evaluate": attrs.get(ATTR + "evaluate", "proxy")}
 
 

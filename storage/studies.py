@@ -60,14 +60,24 @@ def open_storage(url: str | None = None, sqlite_timeout: float | None = None):
     if url.startswith("sqlite"):
         timeout = sqlite_timeout if sqlite_timeout is not None else float(os.environ.get("EMPAS_SQLITE_TIMEOUT", 30))
         kwargs = {"connect_args": {"timeout": timeout}}
-    try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
-    except RuntimeError as exc:  # schema of another Optuna version
-        raise StorageError(f"{redact(url)}: {_one_line(exc)}") from None
-    except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:
-        reason = _one_line(exc.__cause__ or exc)
-        hint = " (another process holds a write lock: wait or stop it)" if "locked" in reason else ""
-        raise StorageError(f"cannot use storage {redact(url)}: {reason}{hint}") from None
+    for attempt in range(4):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        except RuntimeError as exc:  # schema of another Optuna version
+            raise StorageError(f"{redact(url)}: {_one_line(exc)}") from None
+        except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:
+            reason = _one_line(exc.__cause__ or exc)
+            # Several workers opening a new, empty database race to create Optuna's tables and its
+            # alembic_version row; the losers fail on a unique key / existing table. By the next try
+            # the schema is there.
+            if attempt < 3 and any(k in reason.lower() for k in ("unique", "already exists", "duplicate")):
+                import time
+
+                time.sleep(0.2 * (attempt + 1))
+                continue
+            break
+    hint = " (another process holds a write lock: wait or stop it)" if "locked" in reason else ""
+    raise StorageError(f"cannot use storage {redact(url)}: {reason}{hint}") from None
 
 
 def storage_error(url: str, exc: BaseException) -> StorageError:
@@ -159,13 +169,46 @@ def open_fast_read_storage(url: str | None = None):
 # -- chunked JSON study attributes ---------------------------------------------------------------
 
 def set_study_user_attrs(storage, study_id: int, attrs: dict[str, Any]) -> None:
-    """Set several study user attributes in one transaction (Optuna's API commits each one)."""
-    t = _models().StudyUserAttributeModel.__table__
+    """Set several study user attributes in one transaction (Optuna's API commits each one).
+
+    The study row is locked first (as in :func:`insert_trials`): two workers resuming the same study on
+    PostgreSQL otherwise both delete the old value and both insert, and one hits the unique key."""
+    m = _models()
+    t = m.StudyUserAttributeModel.__table__
+    studies = m.StudyModel.__table__
     rows = [{"study_id": study_id, "key": k, "value_json": json.dumps(v)} for k, v in attrs.items()]
     with storage.engine.begin() as conn:
+        conn.execute(studies.update().where(studies.c.study_id == study_id).values(study_name=studies.c.study_name))
         conn.execute(t.delete().where(t.c.study_id == study_id, t.c.key.in_(list(attrs))))
         if rows:
             conn.execute(t.insert(), rows)
+
+
+def create_study_rows(storage, name: str, n_objectives: int, system_attrs: dict[str, Any],
+                      user_attrs: dict[str, Any]) -> int | None:
+    """Create a minimising study with all its attributes in ONE transaction; None if the name is taken.
+
+    Optuna's ``create_new_study`` commits the bare study first; a worker that starts at the same moment
+    would see a study without EMPAS attributes and take it for one left half-created by a crash. Here
+    another process sees either no study or a complete one."""
+    from optuna.study import StudyDirection
+    from sqlalchemy.exc import IntegrityError
+
+    m = _models()
+    studies, directions = m.StudyModel.__table__, m.StudyDirectionModel.__table__
+    ssa, sua = m.StudySystemAttributeModel.__table__, m.StudyUserAttributeModel.__table__
+    try:
+        with storage.engine.begin() as conn:
+            study_id = int(conn.execute(studies.insert().values(study_name=name)).inserted_primary_key[0])
+            conn.execute(directions.insert(), [{"study_id": study_id, "objective": k,
+                                                "direction": StudyDirection.MINIMIZE} for k in range(n_objectives)])
+            for table, attrs in ((ssa, system_attrs), (sua, user_attrs)):
+                if attrs:
+                    conn.execute(table.insert(), [{"study_id": study_id, "key": k, "value_json": json.dumps(v)}
+                                                  for k, v in attrs.items()])
+    except IntegrityError:  # unique study_name: another worker created it first
+        return None
+    return study_id
 
 
 def json_chunks(key: str, obj: Any, chunk_chars: int = CHUNK_CHARS) -> dict[str, Any]:
@@ -185,13 +228,13 @@ def get_study_json(user_attrs: dict, key: str) -> Any:
     head = user_attrs.get(key)
     if not isinstance(head, dict) or "chunks" not in head:
         return None
-    try:
+    try:  # a damaged attribute (missing chunk, wrong type, bad JSON) reads as absent
         text = "".join(user_attrs[f"{key}:{i}"] for i in range(int(head["chunks"])))
-    except KeyError:
+        if len(text) != head.get("chars", len(text)):
+            return None
+        return json.loads(text)
+    except (KeyError, TypeError, ValueError):
         return None
-    if len(text) != head.get("chars", len(text)):
-        return None
-    return json.loads(text)
 
 
 # -- bulk trial writes ---------------------------------------------------------------------------
@@ -334,6 +377,9 @@ def read_trials(storage, study_id: int, with_params_for_missing_genome: Iterable
             table.has_params.append(False)
         if not rows:
             return table
+        # Each SELECT below may see trials another writer committed after the first one (READ COMMITTED
+        # on PostgreSQL, one snapshot per statement on SQLite): rows of trials not in ``index`` are
+        # skipped. Trials are only ever written whole (one transaction), so indexed ones are complete.
         in_study = select(trials.c.trial_id).where(trials.c.study_id == study_id)
         vals: dict[int, dict[int, float]] = {}
         from optuna.storages._rdb.models import TrialValueModel
@@ -343,13 +389,16 @@ def read_trials(storage, study_id: int, with_params_for_missing_genome: Iterable
                 .where(values_t.c.trial_id.in_(in_study))):
             vals.setdefault(tid, {})[objective] = TrialValueModel.stored_repr_to_value(value, vtype)
         for tid, d in vals.items():
-            table.values[index[tid]] = tuple(d[k] for k in sorted(d))
+            if tid in index:
+                table.values[index[tid]] = tuple(d[k] for k in sorted(d))
         for tid, key, value_json in conn.execute(
                 select(sattrs_t.c.trial_id, sattrs_t.c.key, sattrs_t.c.value_json)
                 .where(sattrs_t.c.trial_id.in_(in_study))
                 .where((sattrs_t.c.key == GENERATION_KEY) | sattrs_t.c.key.startswith(CONSTRAINT_PREFIX)
                        | (sattrs_t.c.key == "constraints"))):
-            i = index[tid]
+            i = index.get(tid)
+            if i is None:  # committed by another writer after the first SELECT
+                continue
             value = json.loads(value_json)
             if key == GENERATION_KEY:
                 table.generation[i] = int(value)
@@ -362,14 +411,16 @@ def read_trials(storage, study_id: int, with_params_for_missing_genome: Iterable
             for tid, key, value_json in conn.execute(
                     select(uattrs_t.c.trial_id, uattrs_t.c.key, uattrs_t.c.value_json)
                     .where(uattrs_t.c.trial_id.in_(in_study)).where(uattrs_t.c.key.in_(keys))):
-                i = index[tid]
+                i = index.get(tid)
+                if i is None:
+                    continue
                 value = json.loads(value_json)
                 table.user_attrs[i][key] = value
                 if key == BITS_ATTR and isinstance(value, str):
                     table.genome[i] = value
         with_params = set(conn.execute(select(params_t.c.trial_id).where(params_t.c.trial_id.in_(in_study))
                                        .distinct()).scalars())
-        for tid in with_params:
+        for tid in with_params & index.keys():
             table.has_params[index[tid]] = True
         gene_names = list(with_params_for_missing_genome or [])
         missing = [table.trial_id[i] for i in range(len(table)) if table.genome[i] is None and table.has_params[i]]

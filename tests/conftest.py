@@ -60,6 +60,24 @@ def smollm():
     return load_model("default")
 
 
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A saved tiny Llama with a byte-level tokenizer: loadable by ``--model FOLDER`` like any model."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-model")
+    chars = sorted(pre_tokenizers.ByteLevel.alphabet())  # 256 symbols, one per byte
+    vocab = {c: i for i, c in enumerate(chars)} | {"<unk>": 256, "<pad>": 257, "<eos>": 258}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>",
+                            unk_token="<unk>").save_pretrained(folder)
+    make_tiny_llama().save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def storage_url(request, tmp_path):
     """A fresh, empty storage of each kind (PostgreSQL: a new database per test)."""

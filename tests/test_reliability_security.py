@@ -1,0 +1,104 @@
+"""Security checks: servers bind 127.0.0.1 unless told otherwise; storage passwords never printed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from empas_tui.cli import build_parser, main
+from search.study import SearchSettings, run_search
+from search.synthetic import synthetic_profile
+
+ROOT = Path(__file__).resolve().parent.parent
+SECRET = "S3cretPw_xyz"
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_dashboard_binds_loopback(tmp_path):
+    from search.dashboard import start_dashboard
+
+    server = start_dashboard(f"sqlite:///{tmp_path / 'd.db'}", 0, background=True)
+    try:
+        assert server.server.server_address[0] == "127.0.0.1"
+        assert server.url.startswith("http://127.0.0.1:")
+    finally:
+        server.shutdown()
+        server.server.server_close()
+    args = build_parser().parse_args(["dashboard"])
+    assert not hasattr(args, "host")  # no option to widen it
+
+
+def test_serve_binds_loopback_by_default():
+    import inspect
+
+    from empas_tui.commands.deploy import make_server
+
+    assert build_parser().parse_args(["serve", "ckpt"]).host == "127.0.0.1"
+    assert inspect.signature(make_server).parameters["host"].default == "127.0.0.1"
+
+
+UNREACHABLE = f"postgresql+psycopg://empas:{SECRET}@127.0.0.1:1/empas"
+
+
+@pytest.mark.parametrize("argv", [
+    ["search", "--study", "s"],
+    ["search"],
+    ["studies"],
+    ["front", "--study", "s"],
+    ["dashboard", "--port", "0"],
+    ["profile", "--model", "/nonexistent/model"],
+])
+def test_password_not_printed_when_the_database_is_down(capsys, argv):
+    code, out, err = run_cli(capsys, *argv, "--storage", UNREACHABLE)
+    assert code == 2 and err.startswith("empas: error: ") and err.count("\n") == 1, err
+    assert SECRET not in out + err
+    assert "***" in err  # the URL is named, redacted
+
+
+def test_password_not_printed_from_environment(capsys, monkeypatch):
+    monkeypatch.setenv("EMPAS_STORAGE", UNREACHABLE)
+    code, out, err = run_cli(capsys, "studies")
+    assert code == 2 and SECRET not in out + err
+
+
+def _with_password(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).set(password=SECRET).render_as_string(hide_password=False)
+
+
+def test_password_not_printed_on_success(storage_url, capsys):
+    """A reachable database with a password in the URL (the test server trusts local connections and
+    ignores it): every command's normal output names the storage without the password."""
+    if not storage_url.startswith("postgresql"):
+        pytest.skip("SQLite URLs have no password")
+    url = _with_password(storage_url)
+    run_search(SearchSettings(study_name="s", population=8, trials=8), synthetic_profile(blocks=3, granularity="block"),
+               url)
+    for argv in (["search", "--study", "s", "--trials", "8"], ["search", "--study", "s", "--trials", "8", "--json"],
+                 ["studies"], ["studies", "--json"], ["front", "--study", "s"], ["front", "--study", "s", "--json"],
+                 ["front", "--study", "nope"], ["search", "--study", "s", "--population", "3"]):
+        code, out, err = run_cli(capsys, *argv, "--storage", url)
+        assert code in (0, 2), err
+        assert SECRET not in out + err, argv
+    # the dashboard's start-up lines
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "empas_tui", "dashboard", "--storage", url, "--port", "0"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stdout.readline()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    assert "optuna-dashboard for" in first and "127.0.0.1" in first
+    assert SECRET not in first + out + err
