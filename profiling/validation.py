@@ -371,7 +371,7 @@ def table_rows(result: ValidationResult) -> list[list[str]]:
     out = []
     for r in result.rows:
         out.append([r.name, r.kind, f"{r.average_bits:.2f}", f"{r.memory_mib:.1f}", _num(r.ppl),
-                    f"{r.delta_ppl_pct:+.1f}", f"{r.kl:.4f}",
+                    _signed(r.delta_ppl_pct), f"{r.kl:.4f}",
                     "" if r.predicted_ppl is None else f"{_num(r.predicted_ppl)} (pred.)"])
     return out
 
@@ -439,5 +439,91 @@ def _num(x: float) -> str:
     return f"{x:.2f}" if x < 1e4 else f"{x:.3g}"
 
 
+def _signed(x: float) -> str:
+    if x is None or not math.isfinite(x):
+        return "n/a"
+    return f"{x:+.1f}" if abs(x) < 1e5 else f"{x:+.3g}"
+
+
 def _corr(x) -> str:
     return "n/a" if x is None else f"{x:.3f}"
+
+
+# -- held-out tokens and the validation setup ------------------------------------------------------------
+
+def heldout_tokens(tokenizer, n_tokens: int = 2048, seq_len: int = 128, text_file=None,
+                   calibration: dict | None = None) -> tuple[torch.Tensor, str]:
+    """Held-out tokens disjoint from the calibration a profile used, and a description of them.
+
+    ``calibration`` is what an artifact records (``{"corpus": "default" | path, "tokens": N}``):
+    - default-corpus calibration (or unknown): the default corpus's held-out half, which comes from other
+      standard-library modules than the calibration half;
+    - calibration on a text file: the end of that same file, after the N calibration tokens (the
+      corpus module refuses a file too short to keep them apart);
+    - ``text_file`` given: that file's end (after the calibration tokens if it is the calibration file).
+    """
+    from pathlib import Path
+
+    from .corpus import CorpusError, build_token_sets
+
+    calibration = calibration or {}
+    corpus = calibration.get("corpus") or "default"
+    calib_n = calibration.get("tokens")
+    calib_n = calib_n if isinstance(calib_n, int) and not isinstance(calib_n, bool) and calib_n > 0 else seq_len
+    if text_file is None and corpus != "default":
+        if not Path(corpus).is_file():
+            raise CorpusError(f"the calibration text {corpus} is not here: pass --text FILE with held-out text")
+        text_file = corpus
+    if text_file is None:
+        sets = build_token_sets(tokenizer, seq_len, n_tokens, seq_len, None)
+        return sets.heldout, "default corpus, held-out modules"
+    same = corpus != "default" and Path(text_file).resolve() == Path(corpus).resolve()
+    sets = build_token_sets(tokenizer, calib_n if same else 1, n_tokens, seq_len, text_file)
+    where = "after the calibration tokens" if same else "a text other than the calibration corpus"
+    return sets.heldout, f"end of {Path(text_file).name} ({where})"
+
+
+@dataclass
+class ValidationSetup:
+    """A loaded model ready to validate genomes of any granularity on held-out tokens."""
+
+    loaded: object  # profiling.models.LoadedModel
+    quantizer: object
+    heldout: torch.Tensor
+    tokens_source: str
+    batch_sequences: int = 4
+    _inventories: dict = field(default_factory=dict)
+    _evaluator: HeldoutEvaluator | None = None
+
+    def inventory(self, granularity: str) -> Inventory:
+        from .inventory import build_inventory
+
+        if granularity not in self._inventories:
+            self._inventories[granularity] = build_inventory(self.loaded.model, granularity)
+        return self._inventories[granularity]
+
+    def run(self, genomes: Sequence[Genome], progress=None, should_stop=None) -> ValidationResult:
+        inv = self.inventory("linear")
+        if self._evaluator is None:
+            self._evaluator = HeldoutEvaluator(self.loaded.model, inv, self.heldout, self.batch_sequences,
+                                               self.tokens_source)
+        return validate(self.loaded.model, inv, self.heldout, self.quantizer, genomes, progress, should_stop,
+                        self.tokens_source, self.batch_sequences, evaluator=self._evaluator)
+
+
+def prepare_validation(loaded, quantizer_settings: dict, n_tokens: int = 2048, seq_len: int = 128,
+                       text_file=None, calibration: dict | None = None) -> ValidationSetup:
+    from .quantizer import make_quantizer
+
+    quantizer = make_quantizer(quantizer_settings.get("name", "rtn"), quantizer_settings.get("group_size", 64))
+    tokens, source = heldout_tokens(loaded.tokenizer, n_tokens, seq_len, text_file, calibration)
+    return ValidationSetup(loaded, quantizer, tokens, source)
+
+
+def measured_metrics(row: ValidationRow, result: ValidationResult) -> dict:
+    """A row as an artifact's ``metrics.measured.heldout`` block (every number measured, except memory,
+    which is labelled as the memory model's)."""
+    return {"loss": row.loss, "ppl": row.ppl, "delta_ppl_pct": row.delta_ppl_pct, "kl": row.kl,
+            "dense_loss": result.dense_loss, "dense_ppl": result.dense_ppl, "average_bits": row.average_bits,
+            "memory_bytes": row.memory_bytes, "memory_basis": "memory model", "tokens": result.heldout_tokens,
+            "on": result.tokens_source}

@@ -323,3 +323,80 @@ def make_artifact(choice: Choice, point, profile, source: dict, heldout: dict | 
         source={**source, "trial": getattr(point, "trial_number", None),
                 "calibration": {"corpus": profile.corpus_source, "corpus_fingerprint": profile.corpus_fingerprint,
                                 "tokens": profile.calibration_tokens}})
+
+
+@dataclass
+class ExportResult:
+    choices: list[Choice]
+    points: list  # the front point of each choice
+    artifacts: list  # storage.artifacts.Artifact, one per choice
+    paths: list  # where they were written (empty until written)
+    validation: object | None = None  # profiling.validation.ValidationResult
+
+
+def spread_indices(memory, count: int, exclude=()) -> list[int]:
+    """``count`` point indices spread evenly over the memory range (for proxy-vs-measured checks)."""
+    m = np.asarray(memory, dtype=np.float64)
+    order = [int(i) for i in np.argsort(m, kind="stable") if int(i) not in set(exclude)]
+    if count <= 0 or not order:
+        return []
+    picks = np.unique(np.linspace(0, len(order) - 1, min(count, len(order))).round().astype(int))
+    return [order[p] for p in picks]
+
+
+def export_archetypes(front, out_dir, study: str, storage_url: str, archetypes=ARCHETYPES,
+                      max_bytes: float | None = None, max_ppl_rise: float | None = None, basis: str = "auto",
+                      validation=None, validate_points: int = 8, progress=None, write: bool = True) -> ExportResult:
+    """Choose archetypes from a study's front, optionally measure them, and write one artifact each.
+
+    ``front`` is a ``search.study.FrontData`` (``profile``, ``points``). ``validation`` (a
+    :class:`profiling.validation.ValidationSetup` on the same model) adds held-out measurements of every
+    chosen genome plus ``validate_points`` front points spread over memory (for the proxy-vs-measured
+    correlation). Every choice and measurement is made before the first file is written, so a bad
+    budget or an interrupted validation writes nothing; each file is written atomically.
+    """
+    from pathlib import Path
+
+    from storage.artifacts import save_artifact
+    from storage.urls import redact
+
+    folder = Path(out_dir)
+    if write and folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} exists and is not a folder: pass another -o DIR")
+    profile, points = front.profile, list(front.points)
+    memory, predicted, measured = front_arrays(points, profile.base_loss)
+    choices = select_archetypes(memory, predicted, profile.base_loss, archetypes, measured, max_bytes,
+                                max_ppl_rise, basis)
+    heldout_by_index: dict[int, dict] = {}
+    result = None
+    if validation is not None:
+        from profiling.validation import genome_from_mapping, measured_metrics
+
+        inv = validation.inventory(profile.granularity)
+        chosen = list(dict.fromkeys(c.index for c in choices))
+        extra = spread_indices(memory, validate_points, exclude=chosen)
+        names = {}
+        for c in choices:
+            names.setdefault(c.index, c.archetype)
+        genomes = []
+        for i in chosen + extra:
+            p = points[i]
+            trial = getattr(p, "trial_number", None)
+            label = names.get(i, "front")
+            genomes.append(genome_from_mapping(
+                inv, dict(zip(profile.gene_names, [int(b) for b in p.bits])),
+                f"{label} (trial {trial})" if trial is not None else f"{label} #{i}",
+                kind="archetype" if i in names else "front", predicted_loss=float(predicted[i]),
+                predicted_base_loss=profile.base_loss, source={"index": i, "trial": trial}))
+        result = validation.run(genomes, progress=progress)
+        for i, row in zip(chosen + extra, result.rows):
+            heldout_by_index[i] = measured_metrics(row, result)
+    source = {"study": study, "storage": redact(storage_url)}
+    artifacts = [make_artifact(c, points[c.index], profile, source, heldout_by_index.get(c.index))
+                 for c in choices]
+    out = ExportResult(choices=choices, points=[points[c.index] for c in choices], artifacts=artifacts, paths=[],
+                       validation=result)
+    if write:
+        for c, art in zip(choices, artifacts):
+            out.paths.append(save_artifact(art, folder / f"{c.archetype}.json"))
+    return out
