@@ -149,3 +149,18 @@ def test_measured_calibration_kl_matches_heldout_machinery(tiny_llama):
     kls = measured_calibration_kl(runner, genomes, q)
     r = validate(tiny_llama, inv, toks, q, genomes, batch_sequences=len(toks))
     np.testing.assert_allclose(kls, [row.kl for row in r.rows], rtol=1e-3)
+
+
+def test_fused_kl_resolves_tiny_divergences():
+    """Regression: the fused KL summed each term over all tokens before subtracting, so on a real
+    vocabulary a KL of ~1e-5 nats/token (an 8-bit layer) came out as 0. It must match float64."""
+    from profiling.runner import DenseReference
+
+    g = torch.Generator().manual_seed(0)
+    dense = 4 * torch.randn(512, 32768, generator=g)
+    candidate = dense + 0.01 * torch.randn(512, 32768, generator=g)
+    lp = torch.log_softmax(dense.double(), -1)
+    lq = torch.log_softmax(candidate.double(), -1)
+    exact = float((lp.exp() * (lp - lq)).sum(-1).mean())
+    assert 1e-6 < exact < 1e-4
+    assert DenseReference(dense).mean_kl(candidate) == pytest.approx(exact, rel=0.02)
