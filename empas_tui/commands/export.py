@@ -84,7 +84,12 @@ def load_study_front(storage_url: str, study: str):
         if exc.name in ("search.study", "search"):
             raise UserError("study support (search.study) is not in this build: update EMPAS") from None
         raise
-    return module.load_front(storage_url, study)
+    try:
+        return module.load_front(storage_url, study)
+    except KeyError:  # optuna's "study not found"
+        from storage.urls import redact
+
+        raise UserError(f"no study named {study!r} in {redact(storage_url)}: check --study and --storage") from None
 
 
 def run_export(args) -> int:
