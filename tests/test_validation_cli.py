@@ -141,10 +141,13 @@ def test_evaluate_refuses_bad_artifacts(tiny_front, tiny_folder, tmp_path, capsy
 
 
 def test_evaluate_directory_hook(tmp_path, capsys):
-    if importlib.util.find_spec("empas_tui.commands.deploy") is not None:
-        pytest.skip("checkpoint evaluation is provided by empas_tui.commands.deploy")
+    """A folder goes to the deploy command's checkpoint evaluation when it exists, else one line."""
     code, _, err = run_cli(capsys, "evaluate", tmp_path)
-    assert code == 2 and "is a folder" in err and err.count("\n") == 1
+    assert code == 2 and err.count("\n") == 1, err
+    if importlib.util.find_spec("empas_tui.commands.deploy") is None:
+        assert "is a folder" in err
+    else:
+        assert "empas_packing.json" in err  # deploy's own refusal of a folder that is no checkpoint
 
 
 def test_export_cli_argument_errors(tmp_path, capsys):
@@ -157,11 +160,35 @@ def test_export_cli_argument_errors(tmp_path, capsys):
         assert code == 2 and message in err, err
 
 
-@pytest.mark.skipif(importlib.util.find_spec("search.study") is None, reason="search.study not merged yet")
-def test_export_from_a_study(tmp_path, capsys):  # pragma: no cover - enabled once search lands
-    from search import study as study_mod
+def test_export_from_a_study_end_to_end(tiny_front, tiny_folder, tmp_path, capsys):
+    """A real (tiny) study: `empas export` writes one artifact per archetype, `--validate` measures them."""
+    from search.study import SearchSettings, run_search
+    from storage.artifacts import load_artifact
 
+    front, _ = tiny_front
     storage = f"sqlite:///{tmp_path / 'e.db'}"
-    assert hasattr(study_mod, "load_front")
-    code, _, err = run_cli(capsys, "export", "--study", "missing-study", "--storage", storage, "-o", tmp_path / "o")
-    assert code == 2 and err.count("\n") == 1
+    run_search(SearchSettings(study_name="tiny", population=8, trials=16), front.profile, storage)
+    out = tmp_path / "out"
+    code, text, err = run_cli(capsys, "export", "--study", "tiny", "--storage", storage, "-o", out, "--validate",
+                              "--validate-points", 2, "--model", tiny_folder, "--heldout-tokens", 64,
+                              "--seq-len", 32, "--json")
+    assert code == 0, err
+    data = json.loads(text)
+    assert sorted(p.name for p in out.iterdir()) == ["balanced.json", "max-accuracy.json", "max-compression.json",
+                                                    "validation.json"]
+    for path in data["written"]:
+        art = load_artifact(path)
+        assert art.source["study"] == "tiny" and isinstance(art.source["trial"], int)
+        assert art.model_fingerprint == front.profile.model_fingerprint
+        assert art.metrics["measured"]["heldout"]["tokens"] == 64 and art.selection["basis"] == "predicted"
+    # the table form, one archetype under a budget
+    code, text, err = run_cli(capsys, "export", "--study", "tiny", "--storage", storage, "-o", tmp_path / "o2",
+                              "--archetype", "max-accuracy", "--max-ppl-rise", 100)
+    assert code == 0, err
+    assert "max-accuracy" in text and "(pred.)" in text and "wrote 1 artifact" in text
+    # refusals: one line, nothing written
+    for argv, message in [(["--study", "nope"], "no study named"), (["--study", "tiny", "--max-mib", 0.01],
+                                                                   "smallest achievable")]:
+        code, _, err = run_cli(capsys, "export", *argv, "--storage", storage, "-o", tmp_path / "o3")
+        assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o3").exists()

@@ -147,8 +147,8 @@ def run_export(args) -> int:
     return 0
 
 
-def print_choices(result, profile, stream=sys.stdout) -> None:
-    w = stream.write
+def print_choices(result, profile, stream=None) -> None:
+    w = (stream or sys.stdout).write
     w(f"model {profile.model_id} ({profile.granularity} genes: {profile.n_genes}); "
       f"dense loss {profile.base_loss:.4f} on {profile.calibration_tokens} calibration tokens\n")
     w(f"{'archetype':16} {'trial':>6} {'MiB (model)':>11} {'avg bits':>8} {'PPL':>16} {'PPL rise':>9}  rule\n")
