@@ -175,7 +175,8 @@ def test_export_from_a_study_end_to_end(tiny_front, tiny_folder, tmp_path, capsy
     assert code == 0, err
     data = json.loads(text)
     assert sorted(p.name for p in out.iterdir()) == ["balanced.json", "max-accuracy.json", "max-compression.json",
-                                                    "validation.json"]
+                                                    "validation.csv", "validation.md"]
+    assert (out / "validation.md").read_text().startswith("| genome |")
     for path in data["written"]:
         art = load_artifact(path)
         assert art.source["study"] == "tiny" and isinstance(art.source["trial"], int)

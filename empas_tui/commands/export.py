@@ -125,29 +125,30 @@ def run_export(args) -> int:
         progress=lambda ev: bar.update(ev.done, ev.total, ev.name, ev.eta_seconds))
     bar.close()
     if result.validation is not None:
-        import json
-
+        # Not .json: `empas evaluate DIR/*.json` must see only artifacts. The full JSON is --json's.
+        from profiling.validation import render_csv, render_markdown
         from storage.atomic import atomic_write_text
 
-        atomic_write_text(out / "validation.json",
-                          json.dumps(result.validation.to_dict(), indent=2, allow_nan=False, default=float) + "\n")
+        notes = _model_notes(front.profile.model_id)
+        atomic_write_text(out / "validation.md", render_markdown(result.validation, notes=notes))
+        atomic_write_text(out / "validation.csv", render_csv(result.validation))
     if args.json:
         print_json({"study": args.study, "written": [str(p) for p in result.paths],
                     "archetypes": [a.to_dict() for a in result.artifacts],
                     "validation": result.validation.to_dict() if result.validation else None})
         return 0
-    print_choices(result, front.profile)
+    print_choices(result, front.profile, validated=result.validation is not None)
     if result.validation is not None:
         print()
         from profiling.validation import render_terminal
 
         print(render_terminal(result.validation, notes=_model_notes(front.profile.model_id)), end="")
     print(f"\nwrote {len(result.paths)} artifact(s) to {out}/"
-          + (" and validation.json" if result.validation is not None else ""))
+          + (" with validation.md and validation.csv" if result.validation is not None else ""))
     return 0
 
 
-def print_choices(result, profile, stream=None) -> None:
+def print_choices(result, profile, stream=None, validated: bool = False) -> None:
     w = (stream or sys.stdout).write
     w(f"model {profile.model_id} ({profile.granularity} genes: {profile.n_genes}); "
       f"dense loss {profile.base_loss:.4f} on {profile.calibration_tokens} calibration tokens\n")
@@ -159,8 +160,8 @@ def print_choices(result, profile, stream=None) -> None:
         w(f"{c.archetype:16} {'-' if trial is None else trial:>6} {c.memory_mib:11.1f} "
           f"{art.metrics['predicted']['average_bits']:8.2f} {ppl:10.2f} ({label}) {100 * c.ppl_rise:8.1f}%  {c.rule}\n")
     if any(c.basis == "predicted" for c in result.choices):
-        w("pred. = the additive proxy's prediction on calibration tokens, not a measurement "
-          "(use --validate to measure on held-out text)\n")
+        w("pred. = the additive proxy's prediction on calibration tokens, not a measurement"
+          + (": held-out measurements below\n" if validated else " (use --validate to measure on held-out text)\n"))
 
 
 def _model_notes(model_id: str) -> list[str]:
