@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "empas_tui.commands.profile",
     "empas_tui.commands.search",
     "empas_tui.commands.deploy",
+    "empas_tui.commands.export",
 ]
 
 

@@ -11,9 +11,14 @@ A file carries everything needed to apply it to the model later, and to refuse i
       "genes": {"block.0": 4, "block.1": 8, ...},          # gene name -> bits (16 = untouched)
       "memory_bytes": 63123456,                           # from the memory model
       "metrics": {"predicted": {...}, "measured": {...}}, # each labelled by where it came from
+      "selection": {"rule": "...", "basis": "predicted"},  # optional: why this genome was chosen
       "source": {"study": "...", "trial": 123, "storage": "sqlite:///empas.db"},
       "created": "2026-11-27T14:00:00Z"
     }
+
+``metrics.predicted`` holds the additive proxy's numbers; ``metrics.measured`` holds measurements keyed
+by where they were taken (``"heldout"``: a validation on held-out tokens, ``"search"``: the study's
+measured mode). Metric values are numbers or null (JSON has no NaN), nested at most one object deep.
 
 Writes are atomic; :func:`load_artifact` validates a file and raises :class:`ArtifactError` with one
 line that names the fix.
@@ -49,13 +54,15 @@ class Artifact:
     metrics: dict = field(default_factory=dict)
     source: dict = field(default_factory=dict)
     created: str = ""
+    selection: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
             "schema": SCHEMA, "archetype": self.archetype,
             "model": {"id": self.model_id, "fingerprint": self.model_fingerprint},
             "quantizer": self.quantizer, "granularity": self.granularity, "genes": self.genes,
-            "memory_bytes": int(self.memory_bytes), "metrics": self.metrics, "source": self.source,
+            "memory_bytes": int(self.memory_bytes), "metrics": self.metrics, "selection": self.selection,
+            "source": self.source,
             "created": self.created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
 
@@ -71,7 +78,10 @@ class Artifact:
 
 
 def save_artifact(artifact: Artifact, path: str | Path) -> Path:
-    return atomic_write_text(path, json.dumps(artifact.to_dict(), indent=2, allow_nan=False) + "\n")
+    """Validate (the same checks as loading) and write atomically: a reader sees the old file or the new one."""
+    text = json.dumps(artifact.to_dict(), indent=2, allow_nan=False) + "\n"
+    validate_artifact_dict(json.loads(text), Path(path))
+    return atomic_write_text(path, text)
 
 
 def _require(cond: bool, path: Path, what: str) -> None:
@@ -86,15 +96,23 @@ def load_artifact(path: str | Path) -> Artifact:
     except OSError as exc:
         raise ArtifactError(f"cannot read {p}: {exc.strerror or exc}; pass an exported artifact JSON") from None
     try:
-        data = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError) as exc:
+        data = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as exc:
+        raise ArtifactError(f"{p}: key {str(exc)[:60]!r} appears twice; re-export it with `empas export`") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ArtifactError(f"{p} is not valid JSON ({type(exc).__name__}); re-export it with `empas export`") from None
+    return validate_artifact_dict(data, p)
+
+
+def validate_artifact_dict(data, p: Path) -> Artifact:
+    """Check a parsed artifact object field by field; :class:`ArtifactError` names the first problem."""
     _require(isinstance(data, dict), p, "top level is not an object")
     schema = data.get("schema")
     _require(schema == SCHEMA, p, f"unknown schema {schema!r} (expected {SCHEMA})")
     model = data.get("model")
-    _require(isinstance(model, dict) and isinstance(model.get("id"), str)
-             and isinstance(model.get("fingerprint"), str), p, "missing model id/fingerprint")
+    _require(isinstance(model, dict) and isinstance(model.get("id"), str) and model["id"]
+             and isinstance(model.get("fingerprint"), str) and model["fingerprint"], p,
+             "missing model id/fingerprint")
     quantizer = data.get("quantizer")
     _require(isinstance(quantizer, dict) and isinstance(quantizer.get("group_size"), int)
              and not isinstance(quantizer.get("group_size"), bool) and quantizer["group_size"] > 0,
@@ -109,13 +127,52 @@ def load_artifact(path: str | Path) -> Artifact:
              "memory_bytes is not a positive integer")
     granularity = data.get("granularity")
     _require(granularity in ("block", "linear"), p, f"unknown granularity {str(granularity)[:20]!r}")
+    archetype = data.get("archetype", "custom")
+    _require(isinstance(archetype, str) and 0 < len(archetype) <= 200, p, "archetype is not a short string")
     metrics = data.get("metrics", {})
     source = data.get("source", {})
-    _require(isinstance(metrics, dict) and isinstance(source, dict), p, "metrics/source must be objects")
-    return Artifact(archetype=str(data.get("archetype", "custom")), model_id=model["id"],
+    selection = data.get("selection", {})
+    _require(isinstance(metrics, dict) and isinstance(source, dict) and isinstance(selection, dict), p,
+             "metrics/source/selection must be objects")
+    for label, block in metrics.items():
+        _require(isinstance(block, dict), p, f"metrics.{label[:40]} is not an object")
+        for key, value in block.items():
+            if isinstance(value, dict):
+                for sub, v in value.items():
+                    _require(_scalar(v), p, f"metrics.{label[:30]}.{key[:30]}.{sub[:30]} is not a number, string or null")
+            else:
+                _require(_scalar(value), p, f"metrics.{label[:30]}.{key[:30]} is not a number, string or null")
+    trial = source.get("trial")
+    _require(trial is None or (isinstance(trial, int) and not isinstance(trial, bool) and trial >= 0), p,
+             "source.trial is not a trial number")
+    created = data.get("created", "")
+    _require(isinstance(created, str), p, "created is not a string")
+    return Artifact(archetype=archetype, model_id=model["id"],
                     model_fingerprint=model["fingerprint"], quantizer=quantizer, granularity=granularity,
                     genes={str(k): int(v) for k, v in genes.items()}, memory_bytes=memory, metrics=metrics,
-                    source=source, created=str(data.get("created", "")))
+                    source=source, created=created, selection=selection)
+
+
+def _scalar(v) -> bool:
+    """Metric values: finite numbers, short strings (labels), booleans or null."""
+    if v is None or isinstance(v, bool):
+        return True
+    if isinstance(v, (int, float)):
+        return math.isfinite(v)
+    return isinstance(v, str) and len(v) <= 500
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs):
+    seen = {}
+    for k, v in pairs:
+        if k in seen:
+            raise _DuplicateKey(k)
+        seen[k] = v
+    return seen
 
 
 def _reject_constant(name: str):
