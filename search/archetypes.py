@@ -4,7 +4,8 @@ Pure functions over arrays of (memory bytes, loss in nats) of the front's points
 a model or a database, so the same code serves the CLI, the TUI and the tests.
 
 - **max-accuracy**: the lowest loss (ties: less memory).
-- **balanced**: the knee, the point farthest from the straight line joining the two extremes of the
+- **balanced**: the knee of the usable front (PPL rise within the max-compression cap), the point
+  farthest from the straight line joining the two extremes of that part of the
   front (lowest memory, lowest loss) once both objectives are scaled to [0, 1].
 - **max-compression**: the lowest memory whose perplexity rise ``exp(loss - base_loss) - 1`` stays
   under a cap (default 25%).
@@ -250,7 +251,13 @@ def select_archetypes(memory, predicted_loss, base_loss: float, archetypes=ARCHE
         if name == "max-accuracy":
             i, rule = max_accuracy(lm, loss), "lowest loss"
         elif name == "balanced":
-            i, rule = knee(lm, loss), "knee of the front (normalised distance from the extremes' line)"
+            # The knee of the *usable* part of the front: points past the PPL-rise cap (ruined 2-bit
+            # genomes) would otherwise drag the knee below max-compression's memory.
+            usable = allowed & (ppl_rise(loss, base_loss) <= cap + 1e-12)
+            within = np.where(usable, m, np.nan) if usable.any() else lm
+            i = knee(within, loss)
+            rule = (f"knee of the front within PPL rise <= {100 * cap:g}% "
+                    "(normalised distance from the extremes' line)")
         else:
             i = smallest_under_ppl_rise(lm, loss, base_loss, cap)
             rule = f"lowest memory with PPL rise <= {100 * cap:g}%"
