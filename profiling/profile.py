@@ -17,13 +17,17 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 PROFILE_SCHEMA = 1
+#: Bumped when the measurement itself changes, so stored profiles of an older method are not reused
+#: (2: per-token KL summed in float64; version 1 lost 8-bit sensitivities to float32 cancellation).
+MEASUREMENT_VERSION = 2
 METRICS = ("kl", "fisher")
 
 
 def profile_key(model_fingerprint: str, corpus_fingerprint: str, quantizer: dict, granularity: str,
                 metric: str) -> str:
     """What makes two profiles interchangeable. Bit-widths are not part of it: entries are per bit."""
-    blob = json.dumps([model_fingerprint, corpus_fingerprint, quantizer, granularity, metric], sort_keys=True)
+    blob = json.dumps([model_fingerprint, corpus_fingerprint, quantizer, granularity, metric, MEASUREMENT_VERSION],
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
