@@ -24,10 +24,10 @@ from textual.widgets import DataTable, Footer, Header, Label, ProgressBar
 from textual.worker import get_current_worker
 
 from .state import RunConfig, one_line
+from .redraw import REDRAW_SECONDS, ThrottledRedraw
 
 log = logging.getLogger(__name__)
 
-REDRAW_SECONDS = 0.25
 
 
 def fmt_seconds(s: float | None) -> str:
@@ -55,7 +55,7 @@ def heat_style(value: float, top: float) -> str:
     return "dim"
 
 
-class ProfileScreen(Screen):
+class ProfileScreen(ThrottledRedraw, Screen):
     TITLE_TEXT = "Profile"
     HELP = """\
 Each layer (gene) is quantised alone at each bit-width and the KL divergence of the model's next-token
@@ -321,16 +321,6 @@ distribution to the dense model is **measured** on the calibration tokens (or es
     def sort_label(self) -> str:
         names = ["layer order", "name", "params"] + [f"S@{b}" for b in self._sens_bits()]
         return names[self.sort_index % len(names)]
-
-    def _tick(self) -> None:
-        """Redraw if something changed, at most every REDRAW_SECONDS, and never more than half the
-        time (a slow terminal or a huge table backs off instead of starving the keyboard)."""
-        now = time.monotonic()
-        if not self._dirty or now < self._next_redraw:
-            return
-        self._redraw()
-        cost = time.monotonic() - now
-        self._next_redraw = time.monotonic() + max(0.0, cost - REDRAW_SECONDS)
 
     def _redraw(self) -> None:
         if not self._dirty:

@@ -29,10 +29,10 @@ from ..widgets.bitstrip import BitStrip, bit_style, legend
 from ..widgets.pareto import ParetoPlot
 from .profile import fmt_seconds
 from .state import RunConfig, one_line
+from .redraw import REDRAW_SECONDS, ThrottledRedraw
 
 log = logging.getLogger(__name__)
 
-REDRAW_SECONDS = 0.25
 NARROW_COLUMNS = 110
 PLOT_PPL_FACTOR = 2.0  # the plot shows points up to this multiple of the dense perplexity (z: all)
 RESUME_GENERATIONS = 10  # what "resume" adds to a study opened from the list
@@ -81,7 +81,7 @@ def point_summary(point, profile) -> str:
     return text
 
 
-class SearchScreen(Screen):
+class SearchScreen(ThrottledRedraw, Screen):
     TITLE_TEXT = "Search"
     HELP = """\
 NSGA-II evolves per-layer bit-widths; every trial is scored on two objectives: **memory** (from the
@@ -417,16 +417,6 @@ diamond = the selected point. *HV ratio* = hypervolume of the front / that of th
         if self.clipped:
             parts.append(f"[dim]plot PPL<={PLOT_PPL_FACTOR:g}x (z)[/]")
         return "  ".join(parts)
-
-    def _tick(self) -> None:
-        """Redraw if something changed, at most every REDRAW_SECONDS, and never more than half the
-        time (a slow terminal or a huge table backs off instead of starving the keyboard)."""
-        now = time.monotonic()
-        if not self._dirty or now < self._next_redraw:
-            return
-        self._redraw()
-        cost = time.monotonic() - now
-        self._next_redraw = time.monotonic() + max(0.0, cost - REDRAW_SECONDS)
 
     def _redraw(self) -> None:
         if not self._dirty:
