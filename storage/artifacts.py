@@ -3,13 +3,13 @@
 A file carries everything needed to apply it to the model later, and to refuse it for another model:
 
     {
-      "schema": "empas.artifact/1",
+      "schema": "empas.artifact/2",
       "archetype": "balanced",
       "model": {"id": "default", "fingerprint": "<sha256 of the weights>"},
-      "quantizer": {"name": "rtn", "group_size": 64},
-      "granularity": "block",
-      "genes": {"block.0": 4, "block.1": 8, ...},          # gene name -> bits (16 = untouched)
-      "memory_bytes": 63123456,                           # from the memory model
+      "quantizer": {"name": "ggml", "importance": "calibration"},   # or {"name": "rtn", "group_size": 64}
+      "granularity": "linear",
+      "genes": {"embed_tokens": "q8_0", "layers.0.self_attn.q_proj": "q4_1", ...},  # gene -> qtype
+      "memory_bytes": 103123456,                          # the memory model's / the GGUF file's bytes
       "metrics": {"predicted": {...}, "measured": {...}}, # each labelled by where it came from
       "selection": {"rule": "...", "basis": "predicted"},  # optional: why this genome was chosen
       "source": {"study": "...", "trial": 123, "storage": "sqlite:///empas.db"},
@@ -28,14 +28,16 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .atomic import atomic_write_text
+from .atomic import atomic_write_bytes
 
-SCHEMA = "empas.artifact/1"
-VALID_BITS = {2, 3, 4, 5, 6, 7, 8, 16}
+SCHEMA = "empas.artifact/2"
+QUANTIZERS = ("rtn", "ggml")
+QTYPE = re.compile(r"[a-z0-9_]{1,16}")  # "4" (RTN bits), "q4_k" (ggml): checked by the quantiser on use
 
 
 class ArtifactError(ValueError):
@@ -49,7 +51,7 @@ class Artifact:
     model_fingerprint: str
     quantizer: dict
     granularity: str
-    genes: dict[str, int]
+    genes: dict[str, str]
     memory_bytes: int
     metrics: dict = field(default_factory=dict)
     source: dict = field(default_factory=dict)
@@ -67,7 +69,7 @@ class Artifact:
         }
 
     @property
-    def bits(self) -> list[int]:
+    def qtypes(self) -> list[str]:
         return list(self.genes.values())
 
     def check_model(self, fingerprint: str, where: str = "") -> None:
@@ -77,11 +79,16 @@ class Artifact:
                 f"not the loaded one ({fingerprint[:12]}): pass --model {self.model_id} or re-export")
 
 
-def save_artifact(artifact: Artifact, path: str | Path) -> Path:
-    """Validate (the same checks as loading) and write atomically: a reader sees the old file or the new one."""
+def save_artifact_bytes(artifact: Artifact, where: str = "artifact") -> bytes:
+    """The artifact's file content, validated with the same checks as loading."""
     text = json.dumps(artifact.to_dict(), indent=2, allow_nan=False) + "\n"
-    validate_artifact_dict(json.loads(text), Path(path))
-    return atomic_write_text(path, text)
+    validate_artifact_dict(json.loads(text), Path(where))
+    return text.encode("utf-8")
+
+
+def save_artifact(artifact: Artifact, path: str | Path) -> Path:
+    """Validate and write atomically: a reader sees the old file or the new one."""
+    return atomic_write_bytes(path, save_artifact_bytes(artifact, str(path)))
 
 
 def _require(cond: bool, path: Path, what: str) -> None:
@@ -114,14 +121,16 @@ def validate_artifact_dict(data, p: Path) -> Artifact:
              and isinstance(model.get("fingerprint"), str) and model["fingerprint"], p,
              "missing model id/fingerprint")
     quantizer = data.get("quantizer")
-    _require(isinstance(quantizer, dict) and isinstance(quantizer.get("group_size"), int)
-             and not isinstance(quantizer.get("group_size"), bool) and quantizer["group_size"] > 0,
-             p, "missing or invalid quantizer settings")
+    _require(isinstance(quantizer, dict) and quantizer.get("name") in QUANTIZERS, p,
+             "missing or unknown quantizer (expected rtn or ggml)")
+    if quantizer["name"] == "rtn":
+        _require(isinstance(quantizer.get("group_size"), int) and not isinstance(quantizer.get("group_size"), bool)
+                 and quantizer["group_size"] > 0, p, "missing or invalid RTN group size")
     genes = data.get("genes")
     _require(isinstance(genes, dict) and len(genes) > 0, p, "no genes")
-    for name, bits in genes.items():
-        _require(isinstance(bits, int) and not isinstance(bits, bool) and bits in VALID_BITS, p,
-                 f"gene {name[:60]!r} has invalid bits {str(bits)[:20]!r} (allowed: 2-8, 16)")
+    for name, qtype in genes.items():
+        _require(isinstance(qtype, str) and QTYPE.fullmatch(qtype) is not None, p,
+                 f"gene {name[:60]!r} has an invalid qtype {str(qtype)[:20]!r}")
     memory = data.get("memory_bytes")
     _require(isinstance(memory, int) and not isinstance(memory, bool) and 0 < memory < 1 << 50, p,
              "memory_bytes is not a positive integer")
@@ -149,7 +158,7 @@ def validate_artifact_dict(data, p: Path) -> Artifact:
     _require(isinstance(created, str), p, "created is not a string")
     return Artifact(archetype=archetype, model_id=model["id"],
                     model_fingerprint=model["fingerprint"], quantizer=quantizer, granularity=granularity,
-                    genes={str(k): int(v) for k, v in genes.items()}, memory_bytes=memory, metrics=metrics,
+                    genes={str(k): str(v) for k, v in genes.items()}, memory_bytes=memory, metrics=metrics,
                     source=source, created=created, selection=selection)
 
 

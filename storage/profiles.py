@@ -1,9 +1,10 @@
 """Persisting sensitivity profiles in the same database as the studies.
 
 Two tables: ``empas_profiles`` (one row per profile key: model, corpus, quantiser, granularity,
-metric, plus the layout: genes, costs, base loss) and ``empas_profile_entries`` (one row per gene and
-bit-width). Entries are committed gene by gene, so a profiling run that is killed half-way resumes
-from the finished genes, and asking for more bit-widths later measures only the new ones.
+metric, plus a JSON header: genes, base loss) and ``empas_profile_cells`` (one row per gene and qtype:
+the measured value and the seconds it took). Cells are committed gene by gene, so a profiling run that
+is killed half-way resumes from the finished genes, and asking for more qtypes later measures only the
+new ones. Rows of tables from older EMPAS versions (``empas_profile_entries``) are left alone.
 """
 
 from __future__ import annotations
@@ -11,11 +12,11 @@ from __future__ import annotations
 import json
 import time
 
-from sqlalchemy import (Column, Float, ForeignKey, Integer, MetaData, String, Table, Text, UniqueConstraint,
-                        create_engine, select)
+from sqlalchemy import (Column, Float, ForeignKey, Integer, MetaData, String, Table, Text, UniqueConstraint, func,
+                        select)
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from .urls import StorageError, check_reachable, redact, resolve_storage_url
+from .database import storage_error
 
 metadata = MetaData()
 
@@ -31,28 +32,44 @@ profiles_table = Table(
     Column("created", Float, nullable=False),
 )
 
-entries_table = Table(
-    "empas_profile_entries", metadata,
+cells_table = Table(
+    "empas_profile_cells", metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("profile_key", String(64), ForeignKey("empas_profiles.key"), nullable=False),
     Column("gene_index", Integer, nullable=False),
-    Column("bits", Integer, nullable=False),
+    Column("qtype", String(16), nullable=False),
     Column("value", Float, nullable=False),
-    UniqueConstraint("profile_key", "gene_index", "bits", name="uq_profile_entry"),
+    Column("seconds", Float, nullable=False, default=0.0),
+    UniqueConstraint("profile_key", "gene_index", "qtype", name="uq_profile_cell"),
 )
 
 
 class ProfileStore:
-    def __init__(self, url: str | None = None):
-        self.url = resolve_storage_url(url)
-        check_reachable(self.url)
-        kwargs = {"connect_args": {"timeout": 30}} if self.url.startswith("sqlite") else {}
-        self.engine = create_engine(self.url, **kwargs)
+    """The profile tables of one :class:`storage.database.Database`."""
+
+    def __init__(self, database):
+        self.url = database.url
+        self.engine = database.engine
+        self._tables = False
+
+    def _readable(self) -> bool:
+        """Whether the tables exist: reading a storage that never held a profile creates nothing (the
+        studies list and the TUI open databases they must not change)."""
+        if not self._tables:
+            from sqlalchemy import inspect
+
+            self._tables = all(inspect(self.engine).has_table(t.name) for t in metadata.sorted_tables)
+        return self._tables
+
+    def _writable(self) -> None:
+        """Create the tables before the first write."""
+        if self._tables:
+            return
         try:
             self._create_tables()
         except SQLAlchemyError as exc:
-            raise StorageError(f"cannot create EMPAS tables in {redact(self.url)}: "
-                               f"{type(exc).__name__}; check write permission") from None
+            raise storage_error(self.url, exc) from None
+        self._tables = True
 
     def _create_tables(self, attempts: int = 3) -> None:
         """Create the tables; another process creating them at the same moment is not an error."""
@@ -66,6 +83,8 @@ class ProfileStore:
                 time.sleep(0.2 * (attempt + 1))
 
     def header(self, key: str) -> dict | None:
+        if not self._readable():
+            return None
         with self.engine.connect() as conn:
             row = conn.execute(select(profiles_table.c.header_json).where(profiles_table.c.key == key)).first()
         return json.loads(row[0]) if row else None
@@ -74,6 +93,7 @@ class ProfileStore:
         """Create the profile row once; concurrent creators are fine (the first one wins)."""
         if self.header(key) is not None:
             return
+        self._writable()
         try:
             with self.engine.begin() as conn:
                 conn.execute(profiles_table.insert().values(
@@ -83,36 +103,49 @@ class ProfileStore:
         except IntegrityError:
             pass
 
-    def entries(self, key: str) -> dict[tuple[int, int], float]:
+    def entries(self, key: str) -> dict[tuple[int, str], float]:
+        if not self._readable():
+            return {}
         with self.engine.connect() as conn:
-            rows = conn.execute(select(entries_table.c.gene_index, entries_table.c.bits, entries_table.c.value)
-                                .where(entries_table.c.profile_key == key)).all()
-        return {(int(g), int(b)): float(v) for g, b, v in rows}
+            rows = conn.execute(select(cells_table.c.gene_index, cells_table.c.qtype, cells_table.c.value)
+                                .where(cells_table.c.profile_key == key)).all()
+        return {(int(g), str(q)): float(v) for g, q, v in rows}
 
-    def add_entries(self, key: str, values: dict[tuple[int, int], float]) -> None:
-        """Commit one gene's results atomically (all its bit-widths, or none)."""
+    def measured_seconds(self, key: str) -> float:
+        """Seconds spent measuring every stored cell of the profile, by whichever run measured it."""
+        if not self._readable():
+            return 0.0
+        with self.engine.connect() as conn:
+            total = conn.execute(select(func.sum(cells_table.c.seconds))
+                                 .where(cells_table.c.profile_key == key)).scalar()
+        return float(total or 0.0)
+
+    def add_entries(self, key: str, values: dict[tuple[int, str], float], seconds: float = 0.0) -> None:
+        """Commit one gene's results atomically (all its qtypes, or none); ``seconds`` per cell."""
         if not values:
             return
+        self._writable()
         existing = self.entries(key)
-        rows = [{"profile_key": key, "gene_index": g, "bits": b, "value": v}
-                for (g, b), v in values.items() if (g, b) not in existing]
+        rows = [{"profile_key": key, "gene_index": g, "qtype": str(q), "value": v, "seconds": float(seconds)}
+                for (g, q), v in values.items() if (g, q) not in existing]
         if rows:
             try:
                 with self.engine.begin() as conn:
-                    conn.execute(entries_table.insert(), rows)
+                    conn.execute(cells_table.insert(), rows)
             except IntegrityError:  # another worker wrote the same entries first: theirs are as good
                 pass
 
     def list_profiles(self) -> list[dict]:
+        if not self._readable():
+            return []
         with self.engine.connect() as conn:
             rows = conn.execute(select(profiles_table.c.key, profiles_table.c.header_json)).all()
+            counts = dict(conn.execute(select(cells_table.c.profile_key, func.count(cells_table.c.id))
+                                       .group_by(cells_table.c.profile_key)).all())
         out = []
         for key, header_json in rows:
             header = json.loads(header_json)
             header["key"] = key
-            header["entries"] = len(self.entries(key))
+            header["entries"] = int(counts.get(key, 0))
             out.append(header)
         return out
-
-    def close(self) -> None:
-        self.engine.dispose()

@@ -17,73 +17,22 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Iterable
 
 from sqlalchemy import bindparam, func, select
-from sqlalchemy.exc import SQLAlchemyError
 
-from .urls import StorageError, check_reachable, redact, resolve_storage_url, sqlite_path
+from .database import storage_error  # noqa: F401 - the error every study write reports
+from .optuna_adapter import nsga_keys, rdb_models, stored_to_intermediate, stored_to_value, value_to_stored
 
 CHUNK_CHARS = 32_000  # below MySQL's 64 KiB TEXT limit
-BITS_ATTR = "bits"  # per-trial user attribute: the genome as "4,8,2,..." (one bit-width per gene)
-GENERATION_KEY = "NSGAIISampler:generation"
-PARENT_KEY_PREFIX = "NSGAIISampler:parent:"
+GENOME_ATTR = "genome"  # per-trial user attribute: the genome as "q4_k,q6_k,..." (one qtype per gene)
 CONSTRAINT_PREFIX = "constraints:"
-
-
-def _models():
-    """Optuna's table definitions (a private module: imported in one place, checked by the tests)."""
-    from optuna.storages._rdb import models
-
-    return models
 
 
 def now_utc() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)  # Optuna stores naive UTC
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(getattr(exc, "orig", None) or exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def open_storage(url: str | None = None, sqlite_timeout: float | None = None):
-    """An Optuna ``RDBStorage`` for ``url`` (tables created if missing), or one-line ``StorageError``."""
-    import optuna
-
-    url = resolve_storage_url(url)
-    check_reachable(url)
-    kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite"):
-        timeout = sqlite_timeout if sqlite_timeout is not None else float(os.environ.get("EMPAS_SQLITE_TIMEOUT", 30))
-        kwargs = {"connect_args": {"timeout": timeout}}
-    for attempt in range(4):
-        try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
-        except RuntimeError as exc:  # schema of another Optuna version
-            raise StorageError(f"{redact(url)}: {_one_line(exc)}") from None
-        except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:
-            reason = _one_line(exc.__cause__ or exc)
-            # Several workers opening a new, empty database race to create Optuna's tables and its
-            # alembic_version row; the losers fail on a unique key / existing table. By the next try
-            # the schema is there.
-            if attempt < 3 and any(k in reason.lower() for k in ("unique", "already exists", "duplicate")):
-                import time
-
-                time.sleep(0.2 * (attempt + 1))
-                continue
-            break
-    hint = " (another process holds a write lock: wait or stop it)" if "locked" in reason else ""
-    raise StorageError(f"cannot use storage {redact(url)}: {reason}{hint}") from None
-
-
-def storage_error(url: str, exc: BaseException) -> StorageError:
-    reason = _one_line(exc.__cause__ or exc)
-    hint = " (another process holds a write lock: wait or stop it)" if "locked" in reason else ""
-    return StorageError(f"storage {redact(url)} failed: {reason}{hint}")
 
 
 def _fast_storage_class():
@@ -102,9 +51,7 @@ def _fast_storage_class():
             return copy.deepcopy(trials) if deepcopy else trials
 
     def read_frozen_trials(storage, study_id, states=None):
-        from optuna.storages._rdb.models import TrialIntermediateValueModel, TrialValueModel
-
-        m = _models()
+        m = rdb_models()
         t, v, p = m.TrialModel.__table__, m.TrialValueModel.__table__, m.TrialParamModel.__table__
         ua, sa = m.TrialUserAttributeModel.__table__, m.TrialSystemAttributeModel.__table__
         iv = m.TrialIntermediateValueModel.__table__
@@ -120,7 +67,7 @@ def _fast_storage_class():
             values: dict[int, dict[int, float]] = {}
             for tid, obj, val, vtype in conn.execute(select(v.c.trial_id, v.c.objective, v.c.value, v.c.value_type)
                                                      .where(v.c.trial_id.in_(in_study))):
-                values.setdefault(tid, {})[obj] = TrialValueModel.stored_repr_to_value(val, vtype)
+                values.setdefault(tid, {})[obj] = stored_to_value(val, vtype)
             params: dict[int, dict[str, Any]] = {}
             pdists: dict[int, dict[str, Any]] = {}
             for tid, name, val, djson in conn.execute(
@@ -143,7 +90,7 @@ def _fast_storage_class():
                     select(iv.c.trial_id, iv.c.step, iv.c.intermediate_value, iv.c.intermediate_value_type)
                     .where(iv.c.trial_id.in_(in_study))):
                 inter.setdefault(tid, {})[step] = \
-                    TrialIntermediateValueModel.stored_repr_to_intermediate_value(val, vtype)
+                    stored_to_intermediate(val, vtype)
         trials = []
         for tid, number, state, start, complete in rows:
             vals = values.get(tid)
@@ -159,9 +106,9 @@ def _fast_storage_class():
     return FastReadRDBStorage, read_frozen_trials
 
 
-def open_fast_read_storage(url: str | None = None):
-    """Like :func:`open_storage`, with the fast ``get_all_trials`` (for optuna-dashboard)."""
-    base = open_storage(url)
+def fast_read_storage(database):
+    """Optuna's storage for ``database`` with the fast ``get_all_trials`` (for optuna-dashboard)."""
+    base = database.optuna
     cls, _ = _fast_storage_class()
     return cls(base.url, engine_kwargs=base.engine_kwargs, skip_compatibility_check=True)
 
@@ -173,7 +120,7 @@ def set_study_user_attrs(storage, study_id: int, attrs: dict[str, Any]) -> None:
 
     The study row is locked first (as in :func:`insert_trials`): two workers resuming the same study on
     PostgreSQL otherwise both delete the old value and both insert, and one hits the unique key."""
-    m = _models()
+    m = rdb_models()
     t = m.StudyUserAttributeModel.__table__
     studies = m.StudyModel.__table__
     rows = [{"study_id": study_id, "key": k, "value_json": json.dumps(v)} for k, v in attrs.items()]
@@ -194,7 +141,7 @@ def create_study_rows(storage, name: str, n_objectives: int, system_attrs: dict[
     from optuna.study import StudyDirection
     from sqlalchemy.exc import IntegrityError
 
-    m = _models()
+    m = rdb_models()
     studies, directions = m.StudyModel.__table__, m.StudyDirectionModel.__table__
     ssa, sua = m.StudySystemAttributeModel.__table__, m.StudyUserAttributeModel.__table__
     try:
@@ -242,7 +189,8 @@ def get_study_json(user_attrs: dict, key: str) -> Any:
 @dataclass
 class TrialRow:
     """One finished trial to insert. ``params`` maps parameter name to Optuna's internal value
-    (the choice index for a categorical), or is None for a compact trial (genome in user attrs)."""
+    (the choice index in that gene's categorical), or is None for a compact trial (genome in user
+    attrs)."""
 
     values: tuple[float, ...]
     params: dict[str, float] | None
@@ -259,18 +207,18 @@ class WrittenTrial:
     number: int
 
 
-def insert_trials(storage, study_id: int, rows: list[TrialRow], distribution_json: str,
+def insert_trials(storage, study_id: int, rows: list[TrialRow], distribution_json: dict[str, str],
                   study_system_attrs: dict[str, Any] | None = None) -> list[WrittenTrial]:
     """Insert ``rows`` (and set-once study system attributes) in one transaction.
 
     Trial numbers follow Optuna's rule (count of the study's trials with a smaller id): the study row
     is updated first, which takes the write lock on SQLite and a row lock on PostgreSQL/MySQL, the
-    same serialisation Optuna's ``create_new_trial`` relies on.
+    same serialisation Optuna's ``create_new_trial`` relies on. ``distribution_json`` maps each
+    parameter name to its distribution's JSON (each gene has its own choices).
     """
-    from optuna.storages._rdb.models import TrialValueModel
     from optuna.trial import TrialState
 
-    m = _models()
+    m = rdb_models()
     studies = m.StudyModel.__table__
     trials = m.TrialModel.__table__
     values_t = m.TrialValueModel.__table__
@@ -301,12 +249,13 @@ def insert_trials(storage, study_id: int, rows: list[TrialRow], distribution_jso
             value_rows, param_rows, uattr_rows, sattr_rows = [], [], [], []
             for w, row in zip(written, rows):
                 for objective, v in enumerate(row.values):
-                    stored, vtype = TrialValueModel.value_to_stored_repr(float(v))
+                    stored, vtype = value_to_stored(float(v))
                     value_rows.append({"trial_id": w.trial_id, "objective": objective, "value": stored,
                                        "value_type": vtype})
                 if row.params:
                     param_rows.extend({"trial_id": w.trial_id, "param_name": name, "param_value": float(v),
-                                       "distribution_json": distribution_json} for name, v in row.params.items())
+                                       "distribution_json": distribution_json[name]}
+                                      for name, v in row.params.items())
                 uattr_rows.extend({"trial_id": w.trial_id, "key": k, "value_json": json.dumps(v)}
                                   for k, v in row.user_attrs.items())
                 sattr_rows.extend({"trial_id": w.trial_id, "key": k, "value_json": json.dumps(v)}
@@ -336,7 +285,7 @@ class TrialTable:
     state: list[str] = field(default_factory=list)
     values: list[tuple[float, ...] | None] = field(default_factory=list)
     generation: list[int | None] = field(default_factory=list)
-    genome: list[str | None] = field(default_factory=list)  # the BITS_ATTR string, or None
+    genome: list[str | None] = field(default_factory=list)  # the GENOME_ATTR string, or None
     constraints: list[dict[str, float]] = field(default_factory=list)
     user_attrs: list[dict[str, Any]] = field(default_factory=list)
     has_params: list[bool] = field(default_factory=list)
@@ -346,13 +295,13 @@ class TrialTable:
 
 
 def read_trials(storage, study_id: int, with_params_for_missing_genome: Iterable[str] | None = None,
-                user_attr_keys: Iterable[str] = (BITS_ATTR,)) -> TrialTable:
+                user_attr_keys: Iterable[str] = (GENOME_ATTR,)) -> TrialTable:
     """Read every trial of the study column-wise. Trials without the compact genome attribute (added
     by plain Optuna, say) get it rebuilt from their params when ``with_params_for_missing_genome``
     lists the gene names in order."""
     from optuna.distributions import json_to_distribution
 
-    m = _models()
+    m = rdb_models()
     trials = m.TrialModel.__table__
     values_t = m.TrialValueModel.__table__
     uattrs_t = m.TrialUserAttributeModel.__table__
@@ -382,25 +331,23 @@ def read_trials(storage, study_id: int, with_params_for_missing_genome: Iterable
         # skipped. Trials are only ever written whole (one transaction), so indexed ones are complete.
         in_study = select(trials.c.trial_id).where(trials.c.study_id == study_id)
         vals: dict[int, dict[int, float]] = {}
-        from optuna.storages._rdb.models import TrialValueModel
-
         for tid, objective, value, vtype in conn.execute(
                 select(values_t.c.trial_id, values_t.c.objective, values_t.c.value, values_t.c.value_type)
                 .where(values_t.c.trial_id.in_(in_study))):
-            vals.setdefault(tid, {})[objective] = TrialValueModel.stored_repr_to_value(value, vtype)
+            vals.setdefault(tid, {})[objective] = stored_to_value(value, vtype)
         for tid, d in vals.items():
             if tid in index:
                 table.values[index[tid]] = tuple(d[k] for k in sorted(d))
         for tid, key, value_json in conn.execute(
                 select(sattrs_t.c.trial_id, sattrs_t.c.key, sattrs_t.c.value_json)
                 .where(sattrs_t.c.trial_id.in_(in_study))
-                .where((sattrs_t.c.key == GENERATION_KEY) | sattrs_t.c.key.startswith(CONSTRAINT_PREFIX)
+                .where((sattrs_t.c.key == nsga_keys()[0]) | sattrs_t.c.key.startswith(CONSTRAINT_PREFIX)
                        | (sattrs_t.c.key == "constraints"))):
             i = index.get(tid)
             if i is None:  # committed by another writer after the first SELECT
                 continue
             value = json.loads(value_json)
-            if key == GENERATION_KEY:
+            if key == nsga_keys()[0]:
                 table.generation[i] = int(value)
             elif key == "constraints":  # Optuna's older list format
                 if value is not None:
@@ -416,7 +363,7 @@ def read_trials(storage, study_id: int, with_params_for_missing_genome: Iterable
                     continue
                 value = json.loads(value_json)
                 table.user_attrs[i][key] = value
-                if key == BITS_ATTR and isinstance(value, str):
+                if key == GENOME_ATTR and isinstance(value, str):
                     table.genome[i] = value
         with_params = set(conn.execute(select(params_t.c.trial_id).where(params_t.c.trial_id.in_(in_study))
                                        .distinct()).scalars())
@@ -436,12 +383,12 @@ def read_trials(storage, study_id: int, with_params_for_missing_genome: Iterable
                     params.setdefault(tid, {})[name] = dist.to_external_repr(pvalue)
             for tid, p in params.items():
                 if all(n in p for n in gene_names):
-                    table.genome[index[tid]] = ",".join(str(int(p[n])) for n in gene_names)
+                    table.genome[index[tid]] = ",".join(str(p[n]) for n in gene_names)
     return table
 
 
 def study_system_attr(storage, study_id: int, key: str) -> Any:
-    m = _models()
+    m = rdb_models()
     t = m.StudySystemAttributeModel.__table__
     with storage.engine.connect() as conn:
         row = conn.execute(select(t.c.value_json).where(t.c.study_id == study_id, t.c.key == key)).first()
@@ -452,7 +399,7 @@ def study_version(storage, study_id: int) -> tuple:
     """Changes whenever a trial is added or finished or a study attribute is set (a cheap cache key)."""
     from optuna.trial import TrialState
 
-    m = _models()
+    m = rdb_models()
     t = m.TrialModel.__table__
     ssa, sua = m.StudySystemAttributeModel.__table__, m.StudyUserAttributeModel.__table__
     with storage.engine.connect() as conn:
@@ -467,7 +414,7 @@ def study_version(storage, study_id: int) -> tuple:
 
 def trial_counts(storage) -> dict[int, dict[str, Any]]:
     """Per study id: trials by state and the time of the last finished trial."""
-    m = _models()
+    m = rdb_models()
     trials = m.TrialModel.__table__
     out: dict[int, dict[str, Any]] = {}
     with storage.engine.connect() as conn:
@@ -484,7 +431,7 @@ def trial_counts(storage) -> dict[int, dict[str, Any]]:
 def delete_study_rows(storage, study_id: int) -> None:
     """Delete a study and everything under it in one transaction, with set-based DELETEs (Optuna's
     ORM cascade loads every parameter row first, which takes minutes on a million of them)."""
-    m = _models()
+    m = rdb_models()
     metadata = m.BaseModel.metadata
     trials = m.TrialModel.__table__
     studies = m.StudyModel.__table__
@@ -508,7 +455,7 @@ def utc_to_local(dt: datetime | None) -> datetime | None:
     return dt.replace(tzinfo=timezone.utc).astimezone().replace(tzinfo=None)
 
 
-__all__ = ["open_storage", "insert_trials", "read_trials", "TrialRow", "TrialTable", "set_study_json",
-           "get_study_json", "delete_study_rows", "trial_counts", "study_system_attr", "sqlite_path",
-           "storage_error", "BITS_ATTR", "GENERATION_KEY", "PARENT_KEY_PREFIX", "CONSTRAINT_PREFIX",
-           "resolve_storage_url", "now_utc"]
+__all__ = ["insert_trials", "read_trials", "TrialRow", "TrialTable", "set_study_json", "get_study_json",
+           "delete_study_rows", "trial_counts", "study_system_attr", "storage_error", "GENOME_ATTR",
+           "CONSTRAINT_PREFIX", "now_utc", "fast_read_storage", "create_study_rows", "set_study_user_attrs",
+           "json_chunks", "study_version", "utc_to_local"]
