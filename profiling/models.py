@@ -40,6 +40,16 @@ class LoadedModel:
     fingerprint: str  # SHA-256 over the weight files: identifies the exact weights
     source_path: str  # where the weights were read from (cache folder, model folder)
 
+    @property
+    def gguf_path(self) -> Path | None:
+        """The GGUF file the model came from (the embedded default, or a .gguf passed as --model): its
+        metadata and tokenizer are what an exported GGUF copies."""
+        if self.model_id == DEFAULT_MODEL:
+            return default_gguf_path()
+        if self.model_id.endswith(".gguf") and Path(self.model_id).is_file():
+            return Path(self.model_id)
+        return None
+
 
 def cache_dir() -> Path:
     """Where EMPAS keeps converted weights and hashes (``EMPAS_CACHE_DIR`` overrides)."""
@@ -110,7 +120,7 @@ def resolve_model_spec(spec: str | None) -> str:
 def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load a causal LM in eval mode, on the CPU, with gradients off for its parameters."""
     model_id = resolve_model_spec(spec)
-    _quiet_transformers()
+    quiet_transformers()
     if model_id == DEFAULT_MODEL:
         loaded = _load_gguf(default_gguf_path(), dtype, model_id)
     elif model_id.endswith(".gguf") and Path(model_id).is_file():
@@ -181,19 +191,22 @@ def _save_dense(model, tokenizer, target: Path) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    from storage.atomic import remove_stale_temps, temp_prefix
+
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    remove_stale_temps(target)  # what a killed conversion left
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(target), dir=target.parent))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, target)
-    except OSError:
+    except BaseException as exc:  # interrupted too: leave no temp folder
         shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / "config.json").is_file():
+        if not (isinstance(exc, OSError) and (target / "config.json").is_file()):  # another process won
             raise
 
 
-def _quiet_transformers() -> None:
+def quiet_transformers() -> None:
     """Keep transformers' progress bars and warnings off the user's terminal (and off the TUI)."""
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,9 +1,12 @@
 """The sensitivity profile: everything the search needs, as plain arrays.
 
-``sensitivity[i, j]`` is S(gene i, bits[j]): the mean KL divergence (nats per token) from the dense
-model's next-token distribution to the one with only gene *i* quantised to ``bits[j]`` (or, for the
+``sensitivity[i, j]`` is S(gene i, qtypes[j]): the mean KL divergence (nats per token) from the dense
+model's next-token distribution to the one with only gene *i* quantised to ``qtypes[j]`` (or, for the
 ``fisher`` metric, the Fisher estimate of it). ``cost_bytes[i, j]`` is what gene *i* weighs at
-``bits[j]``; ``fixed_bytes`` is every parameter that is not a gene, at 16 bits.
+``qtypes[j]``; ``fixed_bytes`` is everything that is not a gene. A qtype that does not fit a gene
+(ggml's K-quants on a row that is not a multiple of 256) has ``cost_bytes == -1`` and
+``sensitivity == nan``: the search never offers it to that gene.
+
 A profile is self-contained: a study stores it in its attributes and needs nothing else.
 """
 
@@ -16,18 +19,19 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-PROFILE_SCHEMA = 1
+
+PROFILE_SCHEMA = 2
 #: Bumped when the measurement itself changes, so stored profiles of an older method are not reused
-#: (2: per-token KL summed in float64; version 1 lost 8-bit sensitivities to float32 cancellation).
-MEASUREMENT_VERSION = 2
-METRICS = ("kl", "fisher")
+#: (2: per-token KL summed in float64; version 1 lost 8-bit sensitivities to float32 cancellation.
+#: 3: qtypes as strings, embedding genes, per-gene valid qtypes).
+MEASUREMENT_VERSION = 3
 
 
 def profile_key(model_fingerprint: str, corpus_fingerprint: str, quantizer: dict, granularity: str,
-                metric: str) -> str:
-    """What makes two profiles interchangeable. Bit-widths are not part of it: entries are per bit."""
-    blob = json.dumps([model_fingerprint, corpus_fingerprint, quantizer, granularity, metric, MEASUREMENT_VERSION],
-                      sort_keys=True)
+                metric: str, include_embeddings: bool = False) -> str:
+    """What makes two profiles interchangeable. Qtypes are not part of it: entries are per qtype."""
+    blob = json.dumps([model_fingerprint, corpus_fingerprint, quantizer, granularity, metric, bool(include_embeddings),
+                       MEASUREMENT_VERSION], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -38,25 +42,30 @@ class Profile:
     corpus_source: str
     corpus_fingerprint: str
     calibration_tokens: int
-    quantizer: dict
+    quantizer: dict  # the quantiser's identity (QuantizerSettings-independent of the qtype list)
     granularity: str
     metric: str
-    bits: list[int]
+    qtypes: list[str]
+    qtype_bits: list[float]  # nominal bits per weight of each qtype, for average bits
     gene_names: list[str]
     gene_blocks: list[int]
     gene_params: list[int]
-    cost_bytes: np.ndarray  # (genes, bits) int64
+    cost_bytes: np.ndarray  # (genes, qtypes) int64; -1 where the qtype does not fit the gene
     fixed_bytes: int
     base_loss: float
-    sensitivity: np.ndarray  # (genes, bits) float64
-    seconds: float = 0.0
+    sensitivity: np.ndarray  # (genes, qtypes) float64; nan where the qtype does not fit the gene
+    include_embeddings: bool = False
+    memory_basis: str = "memory model"  # or "gguf file": fixed + costs are the GGUF file's bytes
+    unquantized: str = "16"
+    seconds: float = 0.0  # this run's wall time (small when everything was reused)
     reused_entries: int = 0
+    measured_seconds: float = 0.0  # the time spent measuring every entry, whichever run measured it
     extra: dict = field(default_factory=dict)
 
     @property
     def key(self) -> str:
         return profile_key(self.model_fingerprint, self.corpus_fingerprint, self.quantizer, self.granularity,
-                           self.metric)
+                           self.metric, self.include_embeddings)
 
     @property
     def n_genes(self) -> int:
@@ -66,55 +75,96 @@ class Profile:
     def base_ppl(self) -> float:
         return math.exp(self.base_loss)
 
+    @property
+    def valid(self) -> np.ndarray:
+        """(genes, qtypes) bool: which qtypes each gene may take."""
+        return np.asarray(self.cost_bytes) >= 0
+
+    def gene_qtypes(self, i: int) -> list[str]:
+        return [q for q, ok in zip(self.qtypes, self.valid[i]) if ok]
+
     def dense_bytes(self) -> int:
-        return int(self.fixed_bytes + 2 * sum(self.gene_params))
+        """Bytes with every gene unquantised."""
+        j = self.qtypes.index(self.unquantized) if self.unquantized in self.qtypes else None
+        if j is None:
+            return int(self.fixed_bytes + 2 * sum(self.gene_params))
+        return int(self.fixed_bytes + self.cost_bytes[:, j].sum())
 
-    def bit_index(self, bits: list[int] | np.ndarray) -> np.ndarray:
-        """Column index of each gene's bit-width (raises on a width the profile lacks)."""
-        lookup = {b: j for j, b in enumerate(self.bits)}
+    def timing_text(self, seconds_text=None) -> str:
+        """How long the profile took: the time it took to measure when every entry came from the
+        storage (not this run's fraction of a second), else this run's time and what was reused."""
+        fmt = seconds_text or (lambda x: f"{x:.1f}s")
+        valid = int(self.valid.sum())
+        if self.reused_entries and self.reused_entries >= valid:
+            return f"measured earlier in {fmt(self.measured_seconds)}; all {self.reused_entries} entries reused"
+        reused = f", {self.reused_entries} of {valid} entries reused" if self.reused_entries else ""
+        return f"took {fmt(self.seconds)}{reused}"
+
+    def qtype_index(self, qtypes) -> np.ndarray:
+        """Column index of each gene's qtype; one-line error for a qtype the profile lacks or a gene
+        cannot take."""
+        lookup = {q: j for j, q in enumerate(self.qtypes)}
+        values = [str(q) for q in qtypes]
+        if len(values) != self.n_genes:
+            raise ValueError(f"genome has {len(values)} genes, the profile {self.n_genes}")
         try:
-            return np.array([lookup[int(b)] for b in bits], dtype=np.int64)
+            idx = np.array([lookup[q] for q in values], dtype=np.int64)
         except KeyError as exc:
-            raise ValueError(f"bit-width {exc.args[0]} is not in the profile's bits {self.bits}") from None
+            raise ValueError(f"qtype {exc.args[0]} is not in the profile's qtypes {','.join(self.qtypes)}") from None
+        bad = ~self.valid[np.arange(self.n_genes), idx]
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"gene {self.gene_names[i]} cannot take {values[i]}: its shape allows "
+                             f"{','.join(self.gene_qtypes(i))}")
+        return idx
 
-    def predicted_loss(self, bits: list[int] | np.ndarray) -> float:
-        idx = self.bit_index(bits)
+    def predicted_loss(self, qtypes) -> float:
+        idx = self.qtype_index(qtypes)
         return float(self.base_loss + self.sensitivity[np.arange(self.n_genes), idx].sum())
 
-    def memory_bytes(self, bits: list[int] | np.ndarray) -> int:
-        idx = self.bit_index(bits)
+    def memory_bytes(self, qtypes) -> int:
+        idx = self.qtype_index(qtypes)
         return int(self.fixed_bytes + self.cost_bytes[np.arange(self.n_genes), idx].sum())
 
-    def average_bits(self, bits: list[int] | np.ndarray) -> float:
+    def average_bits(self, qtypes) -> float:
+        idx = self.qtype_index(qtypes)
         params = np.asarray(self.gene_params, dtype=np.float64)
-        return float((params * np.asarray(bits, dtype=np.float64)).sum() / params.sum())
+        return float((params * np.asarray(self.qtype_bits, dtype=np.float64)[idx]).sum() / params.sum())
 
     def ranking(self) -> list[int]:
-        """Gene indices, most sensitive first (by the sensitivity at the lowest bit-width)."""
-        column = int(np.argmin(self.bits))
-        return list(np.argsort(-self.sensitivity[:, column], kind="stable"))
+        """Gene indices, most sensitive first: by S at the smallest qtype each gene can take."""
+        bits = np.asarray(self.qtype_bits, dtype=np.float64)
+        worst = np.array([self.sensitivity[i, self._smallest(i, bits)] for i in range(self.n_genes)])
+        return list(np.argsort(-np.nan_to_num(worst, nan=-np.inf), kind="stable"))
+
+    def _smallest(self, i: int, bits: np.ndarray) -> int:
+        cols = np.flatnonzero(self.valid[i])
+        return int(cols[np.argmin(bits[cols])])
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["schema"] = PROFILE_SCHEMA
         d["cost_bytes"] = self.cost_bytes.tolist()
-        d["sensitivity"] = self.sensitivity.tolist()
+        d["sensitivity"] = [[None if not math.isfinite(v) else float(v) for v in row] for row in self.sensitivity]
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Profile":
         if d.get("schema") != PROFILE_SCHEMA:
-            raise ValueError(f"profile schema {d.get('schema')!r} is not {PROFILE_SCHEMA}: re-run `empas profile`")
+            raise ValueError(f"profile schema {d.get('schema')!r} is not {PROFILE_SCHEMA} (made by an older EMPAS): "
+                             f"re-run `empas profile`")
         d = {k: v for k, v in d.items() if k != "schema"}
         d["cost_bytes"] = np.asarray(d["cost_bytes"], dtype=np.int64)
-        d["sensitivity"] = np.asarray(d["sensitivity"], dtype=np.float64)
+        d["sensitivity"] = np.array([[np.nan if v is None else v for v in row] for row in d["sensitivity"]],
+                                    dtype=np.float64).reshape(d["cost_bytes"].shape)
         return cls(**d)
 
     def table_rows(self) -> list[dict]:
-        """One row per gene, most sensitive first: for the CLI table and the TUI."""
+        """One row per gene, most sensitive first: for the CLI table and the TUI (None: does not fit)."""
         rows = []
         for i in self.ranking():
             row = {"gene": self.gene_names[i], "params": self.gene_params[i]}
-            row.update({f"S@{b}": float(self.sensitivity[i, j]) for j, b in enumerate(self.bits)})
+            row.update({f"S@{q}": (float(self.sensitivity[i, j]) if self.valid[i, j] else None)
+                        for j, q in enumerate(self.qtypes)})
             rows.append(row)
         return rows

@@ -11,7 +11,7 @@ always correct.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -23,21 +23,26 @@ KL_CHUNK_TOKENS = 1024
 
 
 @contextlib.contextmanager
-def quantized_weights(model: nn.Module, genes: Iterable[Gene], bits: Iterable[int], quantizer) -> Iterator[None]:
-    """Fake-quantise each gene's weights to its bit-width for the duration of the block, then restore."""
+def quantized_weights(model: nn.Module, genes: Iterable[Gene], qtypes: Iterable[str], quantizer,
+                      importance: Mapping[str, torch.Tensor] | None = None) -> Iterator[None]:
+    """Fake-quantise each gene's weights to its qtype for the duration of the block, then restore.
+
+    ``importance`` maps a weight's module path to its importance vector (see :mod:`profiling.imatrix`);
+    quantisers that weight their rounding error by it (ggml) get it, the others ignore it."""
     saved = []
     try:
-        for gene, b in zip(genes, bits):
-            if b == 16:
+        for gene, qtype in zip(genes, qtypes):
+            if qtype == quantizer.unquantized:
                 continue
-            for lin in gene.linears:
-                w = get_weight(model, lin)
-                saved.append((lin, w.detach().clone()))
-                set_weight(model, lin, quantizer.fake_quantize(w.detach(), b))
+            for ref in gene.weights:
+                w = get_weight(model, ref)
+                saved.append((ref, w.detach().clone()))
+                imp = importance.get(ref.path) if importance else None
+                set_weight(model, ref, quantizer.fake_quantize(w.detach(), qtype, imp))
         yield
     finally:
-        for lin, original in reversed(saved):
-            set_weight(model, lin, original)
+        for ref, original in reversed(saved):
+            set_weight(model, ref, original)
 
 
 def _first_tensor(output) -> torch.Tensor:
@@ -97,14 +102,17 @@ def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> float:
 class PrefixRunner:
     """Dense reference outputs on ``tokens`` plus cheap re-evaluation of the network's tail."""
 
-    def __init__(self, model: nn.Module, inventory: Inventory, tokens: torch.Tensor, reuse_prefix: bool = True):
+    def __init__(self, model: nn.Module, inventory: Inventory, tokens: torch.Tensor, reuse_prefix: bool = True,
+                 importance: Mapping[str, torch.Tensor] | None = None):
         self.model = model
+        self.importance = importance
         self.inventory = inventory
         self.tokens = tokens
         self.blocks_path, self.blocks = find_blocks(model)
         self.final_norm = self._find_final_norm()
         self.lm_head = model.get_output_embeddings()
         self.block_inputs: list[tuple[torch.Tensor, tuple, dict]] = []
+        self.final_hidden: torch.Tensor | None = None  # what the last block returns (an untied head's input)
         with torch.no_grad():
             dense_logits = self._capture_dense()
         self.dense_logits_shape = dense_logits.shape
@@ -113,6 +121,7 @@ class PrefixRunner:
         self.reuse_prefix = reuse_prefix and self._tail_reproduces(dense_logits)
         if not self.reuse_prefix:
             self.block_inputs = []  # free the cache: only full forwards from here on
+            self.final_hidden = None
 
     # -- setup -----------------------------------------------------------------------------------
     def _find_final_norm(self) -> nn.Module | None:
@@ -137,8 +146,12 @@ class PrefixRunner:
                 self.block_inputs.append((hidden.detach(), rest, dict(kwargs)))
             return hook
 
+        def keep_final(_module, _args, output):
+            self.final_hidden = _first_tensor(output).detach()
+
         for i, block in enumerate(self.blocks):
             handles.append(block.register_forward_pre_hook(make_hook(i), with_kwargs=True))
+        handles.append(self.blocks[len(self.blocks) - 1].register_forward_hook(keep_final))
         try:
             logits = self.full_logits()
         finally:
@@ -159,7 +172,9 @@ class PrefixRunner:
         return out.logits
 
     def tail_logits(self, start_block: int) -> torch.Tensor:
-        hidden = self.block_inputs[start_block][0]
+        """Logits re-computed from the input of block ``start_block`` (``len(blocks)``: from the last
+        block's output, i.e. the final norm and the head only)."""
+        hidden = self.final_hidden if start_block >= len(self.blocks) else self.block_inputs[start_block][0]
         for index in range(start_block, len(self.blocks)):
             _, rest, kwargs = self.block_inputs[index]
             hidden = _first_tensor(self.blocks[index](hidden, *rest, **kwargs))
@@ -168,13 +183,15 @@ class PrefixRunner:
         return self.lm_head(hidden)
 
     @torch.no_grad()
-    def logits_with(self, genes: list[Gene], bits: list[int], quantizer) -> torch.Tensor:
-        """Logits with ``genes`` quantised to ``bits`` (others dense), recomputing only what changed."""
-        changed = [g.block for g, b in zip(genes, bits) if b != 16]
-        with quantized_weights(self.model, genes, bits, quantizer):
-            if changed and self.reuse_prefix:
+    def logits_with(self, genes: list[Gene], qtypes: list[str], quantizer) -> torch.Tensor:
+        """Logits with ``genes`` quantised to ``qtypes`` (others dense), recomputing only what changed.
+
+        A gene read before block 0 (the embedding, ``block == -1``) needs a full forward."""
+        changed = [g.block for g, q in zip(genes, qtypes) if q != quantizer.unquantized]
+        with quantized_weights(self.model, genes, qtypes, quantizer, self.importance):
+            if changed and self.reuse_prefix and min(changed) >= 0:
                 return self.tail_logits(min(changed))
             return self.full_logits()
 
-    def kl_with(self, genes: list[Gene], bits: list[int], quantizer) -> float:
-        return self.dense.mean_kl(self.logits_with(genes, bits, quantizer))
+    def kl_with(self, genes: list[Gene], qtypes: list[str], quantizer) -> float:
+        return self.dense.mean_kl(self.logits_with(genes, qtypes, quantizer))

@@ -15,18 +15,20 @@ from __future__ import annotations
 import random
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 import torch
 
-from .corpus import TokenSets, build_token_sets, validate_token_options
+from .corpus import TokenSets, build_token_sets
 from .inventory import Inventory, build_inventory, get_weight
+from .memory import MemoryLayout, QuantizerLayout, memory_layout
 from .models import LoadedModel, load_model
-from .profile import METRICS, Profile, profile_key
-from .quantizer import RTNQuantizer, make_quantizer, validate_bits
-from .runner import PrefixRunner, quantized_weights
+from .profile import Profile, profile_key
+from .quantizers import Quantizer, make_quantizer
+from .runner import PrefixRunner
+from .settings import METRICS, ProfileSettings
 
 
 class ProfileCancelled(RuntimeError):
@@ -35,14 +37,14 @@ class ProfileCancelled(RuntimeError):
 
 @dataclass(frozen=True)
 class ProfileEvent:
-    """One progress step. ``kind``: "start", "entry" (a gene x bit measured), "reused", "done"."""
+    """One progress step. ``kind``: "start", "entry" (a gene x qtype measured), "reused", "done"."""
 
     kind: str
     done: int
     total: int
     gene_index: int = -1
     gene: str = ""
-    bits: int = 0
+    qtype: str = ""
     value: float = float("nan")
     elapsed: float = 0.0
 
@@ -57,40 +59,32 @@ class ProfileEvent:
 ProgressCallback = Callable[[ProfileEvent], None]
 
 
-def parse_bits(text: str | list[int]) -> list[int]:
-    """"2,4,8,16" -> [2, 4, 8, 16] (sorted, unique), with one clear error for anything else."""
-    if isinstance(text, str):
-        parts = [p.strip() for p in text.split(",") if p.strip()]
-        try:
-            values = [int(p) for p in parts]
-        except ValueError:
-            raise ValueError(f"bit list {text!r} must be comma-separated integers, e.g. 2,4,8,16") from None
-    else:
-        values = list(text)
-    if not values:
-        raise ValueError("bit list is empty: pass e.g. --bits 2,4,8,16")
-    for b in values:
-        validate_bits(b)
-    return sorted(set(values))
-
-
 # -- KL profile ----------------------------------------------------------------------------------
 
-def kl_sensitivity(runner: PrefixRunner, inventory: Inventory, quantizer, bits: list[int],
-                   skip: set[tuple[int, int]] = frozenset(),
-                   on_gene: Callable[[int, dict[int, float]], None] | None = None,
-                   should_stop: Callable[[], bool] | None = None) -> dict[tuple[int, int], float]:
-    """Measure S for every (gene, bits) not in ``skip``; ``on_gene`` gets each gene's results."""
-    results: dict[tuple[int, int], float] = {}
-    for i, gene in enumerate(inventory.genes):
-        gene_values: dict[int, float] = {}
-        for b in bits:
-            if (i, b) in skip:
-                continue
+Cell = tuple[int, str]  # (gene index, qtype)
+
+
+def cells_to_measure(inventory: Inventory, quantizer: Quantizer, qtypes, skip=frozenset()) -> list[list[Cell]]:
+    """Per gene, the (gene, qtype) cells still to measure: the qtypes that fit it, minus ``skip``."""
+    valid = inventory.valid_table(quantizer, qtypes)
+    return [[(i, q) for j, q in enumerate(qtypes) if valid[i, j] and (i, q) not in skip]
+            for i in range(len(inventory.genes))]
+
+
+def kl_sensitivity(runner: PrefixRunner, inventory: Inventory, quantizer: Quantizer, qtypes,
+                   skip: set[Cell] = frozenset(),
+                   on_gene: Callable[[int, dict[str, float]], None] | None = None,
+                   should_stop: Callable[[], bool] | None = None) -> dict[Cell, float]:
+    """Measure S for every fitting (gene, qtype) not in ``skip``; ``on_gene`` gets each gene's results."""
+    results: dict[Cell, float] = {}
+    for i, cells in enumerate(cells_to_measure(inventory, quantizer, qtypes, skip)):
+        gene = inventory.genes[i]
+        gene_values: dict[str, float] = {}
+        for _, q in cells:
             if should_stop and should_stop():
                 raise ProfileCancelled("profiling cancelled")
-            gene_values[b] = 0.0 if b == 16 else runner.kl_with([gene], [b], quantizer)
-            results[(i, b)] = gene_values[b]
+            gene_values[q] = 0.0 if q == quantizer.unquantized else runner.kl_with([gene], [q], quantizer)
+            results[(i, q)] = gene_values[q]
         if gene_values and on_gene:
             on_gene(i, gene_values)
     return results
@@ -101,7 +95,7 @@ def kl_sensitivity(runner: PrefixRunner, inventory: Inventory, quantizer, bits: 
 def fisher_diagonal(model: torch.nn.Module, inventory: Inventory, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
     """Diagonal empirical Fisher per gene weight: sum over sequences of (d sum-of-token-losses / dW)^2
     divided by the number of predicted tokens, i.e. a per-token Fisher (KL ~= 1/2 dW' F dW per token)."""
-    weights = {lin.path: model.get_submodule(lin.path).weight for g in inventory.genes for lin in g.linears}
+    weights = {ref.path: model.get_submodule(ref.path).weight for ref in inventory.weights}
     fisher = {path: torch.zeros_like(w) for path, w in weights.items()}
     for w in weights.values():
         w.requires_grad_(True)
@@ -122,27 +116,28 @@ def fisher_diagonal(model: torch.nn.Module, inventory: Inventory, tokens: torch.
     return {path: f / n_predicted for path, f in fisher.items()}
 
 
-def fisher_sensitivity(model, inventory: Inventory, quantizer, bits: list[int], tokens: torch.Tensor,
-                       skip: set[tuple[int, int]] = frozenset(),
-                       on_gene: Callable[[int, dict[int, float]], None] | None = None,
-                       should_stop: Callable[[], bool] | None = None) -> dict[tuple[int, int], float]:
+def fisher_sensitivity(model, inventory: Inventory, quantizer: Quantizer, qtypes, tokens: torch.Tensor,
+                       skip: set[Cell] = frozenset(),
+                       on_gene: Callable[[int, dict[str, float]], None] | None = None,
+                       should_stop: Callable[[], bool] | None = None,
+                       importance: dict[str, torch.Tensor] | None = None) -> dict[Cell, float]:
     fisher = fisher_diagonal(model, inventory, tokens)
-    results: dict[tuple[int, int], float] = {}
-    for i, gene in enumerate(inventory.genes):
+    results: dict[Cell, float] = {}
+    for i, cells in enumerate(cells_to_measure(inventory, quantizer, qtypes, skip)):
+        gene = inventory.genes[i]
         if should_stop and should_stop():
             raise ProfileCancelled("profiling cancelled")
-        gene_values: dict[int, float] = {}
-        for b in bits:
-            if (i, b) in skip:
-                continue
+        gene_values: dict[str, float] = {}
+        for _, q in cells:
             value = 0.0
-            if b != 16:
-                for lin in gene.linears:
-                    w = get_weight(model, lin).detach()
-                    f = fisher[lin.path].t() if lin.transposed else fisher[lin.path]
-                    value += 0.5 * float((f * (quantizer.fake_quantize(w, b) - w) ** 2).sum())
-            gene_values[b] = value
-            results[(i, b)] = value
+            if q != quantizer.unquantized:
+                for ref in gene.weights:
+                    w = get_weight(model, ref).detach()
+                    f = fisher[ref.path].t() if ref.transposed else fisher[ref.path]
+                    imp = importance.get(ref.path) if importance else None
+                    value += 0.5 * float((f * (quantizer.fake_quantize(w, q, imp) - w) ** 2).sum())
+            gene_values[q] = value
+            results[(i, q)] = value
         if gene_values and on_gene:
             on_gene(i, gene_values)
     return results
@@ -150,18 +145,21 @@ def fisher_sensitivity(model, inventory: Inventory, quantizer, bits: list[int], 
 
 # -- fidelity ------------------------------------------------------------------------------------
 
-def random_genomes(n_genes: int, bits: list[int], count: int, seed: int = 0) -> list[list[int]]:
-    """Mixed genomes for the fidelity check: each gene drawn uniformly from the quantised widths."""
+def random_genomes(profile: Profile, count: int, seed: int = 0) -> list[list[str]]:
+    """Mixed genomes for the fidelity check: each gene drawn uniformly from its quantised qtypes."""
     rng = random.Random(seed)
-    choices = [b for b in bits if b != 16] or bits
-    return [[rng.choice(choices) for _ in range(n_genes)] for _ in range(count)]
+    choices = []
+    for i in range(profile.n_genes):
+        options = profile.gene_qtypes(i)
+        choices.append([q for q in options if q != profile.unquantized] or options)
+    return [[rng.choice(c) for c in choices] for _ in range(count)]
 
 
 def fidelity_check(profile: Profile, runner: PrefixRunner, inventory: Inventory, quantizer, count: int,
                    seed: int = 0) -> dict:
     """Additive prediction (sum of S) vs measured KL of ``count`` random mixed genomes."""
     predicted, measured = [], []
-    for genome in random_genomes(profile.n_genes, profile.bits, count, seed):
+    for genome in random_genomes(profile, count, seed):
         predicted.append(profile.predicted_loss(genome) - profile.base_loss)
         measured.append(runner.kl_with(inventory.genes, genome, quantizer))
     return {"genomes": count, "predicted_kl": predicted, "measured_kl": measured,
@@ -184,51 +182,64 @@ def correlations(x: list[float], y: list[float]) -> dict:
 class ProfileSetup:
     """What profiling needs, loaded once: the CLI, the TUI and validation reuse it."""
 
+    settings: ProfileSettings
     loaded: LoadedModel
     inventory: Inventory
     tokens: TokenSets
-    quantizer: RTNQuantizer
-    metric: str
+    quantizer: Quantizer
+    importance: dict[str, torch.Tensor] | None = None
+    memory: MemoryLayout = field(default_factory=QuantizerLayout)
+
+    @property
+    def metric(self) -> str:
+        return self.settings.metric or METRICS[0]
 
     @property
     def key(self) -> str:
         return profile_key(self.loaded.fingerprint, self.tokens.fingerprint, self.quantizer.settings(),
-                           self.inventory.granularity, self.metric)
+                           self.inventory.granularity, self.metric, self.settings.embeddings_are_genes)
 
 
-def prepare(model: str | None = None, granularity: str = "block", metric: str = "kl", group_size: int = 64,
-            calib_tokens: int = 512, heldout_tokens: int = 512, seq_len: int = 128, text_file=None,
-            loaded: LoadedModel | None = None) -> ProfileSetup:
-    if metric not in METRICS:
-        raise ValueError(f"metric {metric!r} is not one of {', '.join(METRICS)}")
-    quantizer = make_quantizer("rtn", group_size)
-    validate_token_options(calib_tokens, heldout_tokens, seq_len, text_file)  # fail before the slow load
-    loaded = loaded or load_model(model)
-    inventory = build_inventory(loaded.model, granularity)
-    tokens = build_token_sets(loaded.tokenizer, calib_tokens, heldout_tokens, seq_len, text_file)
-    return ProfileSetup(loaded, inventory, tokens, quantizer, metric)
+def prepare(settings: ProfileSettings, loaded: LoadedModel | None = None) -> ProfileSetup:
+    """Validate ``settings`` (before the slow load), load the model and cut the calibration tokens."""
+    settings.validate()
+    quantizer = make_quantizer(settings.quantizer)
+    loaded = loaded or load_model(settings.model)
+    inventory = build_inventory(loaded.model, settings.granularity, settings.embeddings_are_genes)
+    tokens = build_token_sets(loaded.tokenizer, settings.calib_tokens, settings.heldout_tokens, settings.seq_len,
+                              settings.text_path)
+    importance = None
+    if getattr(quantizer, "uses_importance", False):
+        from .imatrix import model_importance
+
+        importance = model_importance(loaded.model, inventory, tokens.calibration, settings.quantizer.imatrix)
+    return ProfileSetup(settings, loaded, inventory, tokens, quantizer, importance,
+                        memory_layout(loaded, inventory, quantizer))
 
 
-def run_profile(setup: ProfileSetup, bits: list[int], store=None, progress: ProgressCallback | None = None,
+def run_profile(setup: ProfileSetup, store=None, progress: ProgressCallback | None = None,
                 should_stop: Callable[[], bool] | None = None, reuse_prefix: bool = True,
                 runner: PrefixRunner | None = None) -> Profile:
-    """Measure (or reuse from ``store``) S for every gene and bit-width and return the profile."""
-    bits = parse_bits(bits)
+    """Measure (or reuse from ``store``) S for every gene and fitting qtype and return the profile."""
+    qtypes = list(setup.quantizer.qtypes)
     started = time.perf_counter()
-    inv, key = setup.inventory, setup.key
-    total = len(inv.genes) * len(bits)
-    known: dict[tuple[int, int], float] = {}
+    inv, key, quantizer = setup.inventory, setup.key, setup.quantizer
+    valid = inv.valid_table(quantizer, qtypes)
+    total = int(valid.sum())
+    known: dict[Cell, float] = {}
     stored_header = store.header(key) if store is not None else None
     if stored_header is not None:
-        known = {k: v for k, v in store.entries(key).items() if k[1] in bits}
+        known = {k: v for k, v in store.entries(key).items() if k[1] in qtypes and k[0] < len(inv.genes)}
     if runner is None and (len(known) < total or stored_header is None):
-        runner = PrefixRunner(setup.loaded.model, inv, setup.tokens.calibration, reuse_prefix=reuse_prefix)
+        runner = PrefixRunner(setup.loaded.model, inv, setup.tokens.calibration, reuse_prefix=reuse_prefix,
+                              importance=setup.importance)
     base_loss = runner.base_loss if runner is not None else float(stored_header["base_loss"])
     header = {
         "model_id": setup.loaded.model_id, "model_fingerprint": setup.loaded.fingerprint,
         "corpus_source": setup.tokens.source, "corpus_fingerprint": setup.tokens.fingerprint,
-        "calibration_tokens": setup.tokens.calibration_tokens, "quantizer": setup.quantizer.settings(),
+        "calibration_tokens": setup.tokens.calibration_tokens, "quantizer": quantizer.settings(),
         "granularity": inv.granularity, "metric": setup.metric, "gene_names": inv.gene_names(),
+        "include_embeddings": setup.settings.embeddings_are_genes,
         "base_loss": base_loss, "heldout_tokens": setup.tokens.heldout_tokens,
         "seq_len": int(setup.tokens.calibration.shape[1]),
     }
@@ -245,44 +256,54 @@ def run_profile(setup: ProfileSetup, bits: list[int], store=None, progress: Prog
     if known:
         emit("reused")
 
-    def on_gene(i: int, values: dict[int, float]) -> None:
+    gene_started = [time.perf_counter()]
+
+    def on_gene(i: int, values: dict[str, float]) -> None:
         nonlocal done
+        now = time.perf_counter()
+        per_cell = (now - gene_started[0]) / max(len(values), 1)
+        gene_started[0] = now
         if store is not None:
-            store.add_entries(key, {(i, b): v for b, v in values.items()})
+            store.add_entries(key, {(i, q): v for q, v in values.items()}, seconds=per_cell)
         with lock:
-            for b, v in values.items():
+            for q, v in values.items():
                 done += 1
-                emit("entry", gene_index=i, gene=inv.genes[i].name, bits=b, value=v)
+                emit("entry", gene_index=i, gene=inv.genes[i].name, qtype=q, value=v)
 
     skip = set(known)
     if setup.metric == "kl":
-        measured = kl_sensitivity(runner, inv, setup.quantizer, bits, skip, on_gene, should_stop)
+        measured = kl_sensitivity(runner, inv, quantizer, qtypes, skip, on_gene, should_stop)
     else:
-        measured = fisher_sensitivity(setup.loaded.model, inv, setup.quantizer, bits,
-                                      setup.tokens.calibration, skip, on_gene, should_stop)
+        measured = fisher_sensitivity(setup.loaded.model, inv, quantizer, qtypes, setup.tokens.calibration, skip,
+                                      on_gene, should_stop, setup.importance)
     values = {**known, **measured}
-    table = np.array([[values[(i, b)] for b in bits] for i in range(len(inv.genes))], dtype=np.float64)
+    table = np.array([[values.get((i, q), np.nan) if valid[i, j] else np.nan for j, q in enumerate(qtypes)]
+                      for i in range(len(inv.genes))], dtype=np.float64)
     profile = Profile(
         model_id=setup.loaded.model_id, model_fingerprint=setup.loaded.fingerprint,
         corpus_source=setup.tokens.source, corpus_fingerprint=setup.tokens.fingerprint,
-        calibration_tokens=setup.tokens.calibration_tokens, quantizer=setup.quantizer.settings(),
-        granularity=inv.granularity, metric=setup.metric, bits=bits, gene_names=inv.gene_names(),
+        calibration_tokens=setup.tokens.calibration_tokens, quantizer=quantizer.settings(),
+        granularity=inv.granularity, metric=setup.metric, qtypes=qtypes,
+        qtype_bits=[quantizer.bits_per_weight(q) for q in qtypes], gene_names=inv.gene_names(),
         gene_blocks=[g.block for g in inv.genes], gene_params=[g.params for g in inv.genes],
-        cost_bytes=inv.cost_table(setup.quantizer, bits), fixed_bytes=inv.fixed_bytes,
-        base_loss=base_loss, sensitivity=table, seconds=time.perf_counter() - started,
-        reused_entries=len(known),
+        cost_bytes=setup.memory.cost_table(inv, quantizer, qtypes), fixed_bytes=setup.memory.fixed_bytes(inv),
+        memory_basis=setup.memory.basis,
+        base_loss=base_loss, sensitivity=table, include_embeddings=setup.settings.embeddings_are_genes,
+        unquantized=quantizer.unquantized, seconds=time.perf_counter() - started, reused_entries=len(known),
+        measured_seconds=(store.measured_seconds(key) if store is not None else time.perf_counter() - started),
+        extra={"quantizer_settings": setup.settings.quantizer.to_dict(), "settings": setup.settings.to_dict()},
     )
     emit("done")
     return profile
 
 
-def load_profile(setup: ProfileSetup, bits: list[int], store) -> Profile | None:
-    """The stored profile for ``setup`` if every (gene, bit) entry is there, else None."""
+def load_profile(setup: ProfileSetup, store) -> Profile | None:
+    """The stored profile for ``setup`` if every fitting (gene, qtype) entry is there, else None."""
     header = store.header(setup.key)
     if header is None:
         return None
     entries = store.entries(setup.key)
-    bits = parse_bits(bits)
-    if any((i, b) not in entries for i in range(len(setup.inventory.genes)) for b in bits):
-        return None
-    return run_profile(setup, bits, store)
+    for cells in cells_to_measure(setup.inventory, setup.quantizer, setup.quantizer.qtypes):
+        if any(c not in entries for c in cells):
+            return None
+    return run_profile(setup, store)

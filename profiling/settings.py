@@ -145,6 +145,9 @@ class QuantizerSettings:
             unquantized = "f16"
         if not any(q != unquantized for q in self.qtypes):
             raise QuantizerError(f"add at least one quantised type besides {unquantized}")
+        if len(self.qtypes) < 2:
+            raise QuantizerError(f"offer at least two types (e.g. {self.qtypes[0]},{unquantized}): the search "
+                                 f"chooses between them")
 
     @property
     def unquantized(self) -> str:
@@ -174,7 +177,7 @@ class ProfileSettings:
     granularity: str = DEFAULT_GRANULARITY
     quantizer: QuantizerSettings = field(default_factory=QuantizerSettings.parse)
     include_embeddings: bool | None = None  # None: yes with ggml (a third of a small model's bytes), no with rtn
-    metric: str = DEFAULT_METRIC
+    metric: str | None = None  # None: KL, unless only a profile with another metric is stored (see jobs)
     calib_tokens: int = DEFAULT_CALIB_TOKENS
     heldout_tokens: int = DEFAULT_HELDOUT_TOKENS
     seq_len: int = DEFAULT_SEQ_LEN
@@ -186,7 +189,7 @@ class ProfileSettings:
         """Raise a one-line error for anything that cannot work; return self for chaining."""
         if self.granularity not in GRANULARITIES:
             raise SettingsError(f"granularity {self.granularity!r} is not one of {', '.join(GRANULARITIES)}")
-        if self.metric not in METRICS:
+        if self.metric is not None and self.metric not in METRICS:
             raise SettingsError(f"metric {self.metric!r} is not one of {', '.join(METRICS)}")
         self.quantizer.validate()
         if self.embeddings_are_genes and self.quantizer.name == "rtn":
@@ -217,12 +220,24 @@ class ProfileSettings:
     def with_(self, **kw) -> "ProfileSettings":
         return replace(self, **kw)
 
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["quantizer"] = self.quantizer.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ProfileSettings":
+        """The settings a profile was measured with (``Profile.extra["settings"]``)."""
+        known = {f for f in cls.__dataclass_fields__}
+        kwargs = {k: v for k, v in d.items() if k in known and k != "quantizer"}
+        return cls(quantizer=QuantizerSettings.from_dict(d["quantizer"]), **kwargs)
+
     def summary(self) -> str:
         """One line for status bars and logs."""
         q = self.quantizer
         types = ",".join(q.qtypes)
         emb = " + embeddings" if self.embeddings_are_genes else ""
-        return (f"{self.model} | {self.granularity} genes{emb} | {q.name} {types} | {self.metric} on "
+        return (f"{self.model} | {self.granularity} genes{emb} | {q.name} {types} | {self.metric or DEFAULT_METRIC} on "
                 f"{self.calib_tokens} calibration tokens ({self.text_file or 'built-in corpus'})")
 
 

@@ -5,11 +5,12 @@ import copy
 import pytest
 import torch
 
-import profiling.packed as packed_mod
+import profiling.deploy.packed_modules as packed_mod
+from profiling.deploy.packed_codec import PackingError, pack_codes, packed_row_bytes, unpack_codes
+from profiling.deploy.packed_modules import PackedLinear, StoredEmbedding, StoredLinear
+from profiling.deploy.packing import as_shipped, pack_model, resident_bytes
 from profiling.inventory import build_inventory
-from profiling.packed import (PackedLinear, PackingError, StoredEmbedding, StoredLinear, as_shipped, pack_codes,
-                              pack_model, packed_row_bytes, resident_bytes, unpack_codes)
-from profiling.quantizer import RTNQuantizer
+from profiling.quantizers.rtn import RTNQuantizer
 from profiling.runner import quantized_weights
 from test_deploy_support import tiny_gpt2
 
@@ -59,12 +60,13 @@ def test_packed_linear_equals_fake_quantize_exactly(group_size):
             module = PackedLinear.from_weight(w, None, bits, q)
             # bytes held == what the memory model counts for this weight
             held = sum(t.numel() * t.element_size() for t in (module.qweight, module.scales, module.zeros))
-            assert held == q.weight_bytes(11, n, bits)
-            assert torch.equal(module.dequantized_weight(), q.fake_quantize(w, bits))
-            assert torch.equal(module.dequantized_weight(torch.float16), q.dequantize(q.quantize(w, bits), torch.float16))
-            assert torch.equal(unpack_codes(module.qweight, bits, n), q.quantize(w, bits).codes)
+            qtype = str(bits)
+            assert held == q.weight_bytes(qtype, 11, n)
+            assert torch.equal(module.dequantized_weight(), q.fake_quantize(w, qtype))
+            assert torch.equal(module.dequantized_weight(torch.float16), q.dequantize(q.quantize(w, qtype), torch.float16))
+            assert torch.equal(unpack_codes(module.qweight, bits, n), q.quantize(w, qtype).codes)
             x = torch.randn(2, 3, n, generator=g)
-            assert torch.equal(module(x), torch.nn.functional.linear(x, q.fake_quantize(w, bits)))
+            assert torch.equal(module(x), torch.nn.functional.linear(x, q.fake_quantize(w, qtype)))
 
 
 def test_forward_in_row_chunks_matches(monkeypatch):
@@ -82,7 +84,8 @@ def test_forward_in_row_chunks_matches(monkeypatch):
 
 
 def mixed_bits(n):
-    return [[2, 3, 4, 5, 6, 7, 8, 16][i % 8] for i in range(n)]
+    """Every RTN qtype in turn, 16 (left dense) included."""
+    return [["2", "3", "4", "5", "6", "7", "8", "16"][i % 8] for i in range(n)]
 
 
 def test_packed_logits_equal_fake_quant_tiny_llama(tiny_llama):
@@ -103,7 +106,7 @@ def test_packed_logits_equal_fake_quant_tiny_llama(tiny_llama):
         pack_model(shipped, inv, bits, q)  # + every other weight in fp16
         torch.testing.assert_close(shipped(input_ids=ids).logits, shipped_ref, rtol=0, atol=1e-5)
         assert torch.equal(tiny_llama(input_ids=ids).logits, dense)  # as_shipped restored everything
-    n_packed = sum(1 for i, g in enumerate(inv.genes) if bits[i] != 16)
+    n_packed = sum(1 for i, g in enumerate(inv.genes) if bits[i] != "16")
     assert len(layout) == n_packed
     assert sum(isinstance(m, PackedLinear) for m in shipped.modules()) == n_packed
     assert isinstance(shipped.model.embed_tokens, StoredEmbedding) and shipped.model.embed_tokens.weight.dtype == torch.float16
@@ -115,7 +118,7 @@ def test_packed_logits_equal_fake_quant_tiny_llama(tiny_llama):
 def test_packed_logits_equal_fake_quant_gpt2_conv1d():
     model = tiny_gpt2()
     inv = build_inventory(model, "linear")
-    assert all(lin.transposed for g in inv.genes for lin in g.linears)
+    assert all(lin.transposed for g in inv.genes for lin in g.weights)
     bits = mixed_bits(len(inv.genes))
     q = RTNQuantizer(32)
     ids = torch.randint(0, 259, (2, 13), generator=torch.Generator().manual_seed(1))
@@ -138,8 +141,12 @@ def test_pack_model_rejects_a_genome_for_other_genes(tiny_llama):
     inv = build_inventory(tiny_llama, "block")
     q = RTNQuantizer(64)
     with pytest.raises(PackingError, match="genome"):
-        pack_model(tiny_llama, inv, [4, 4], q)
+        pack_model(tiny_llama, inv, ["4", "4"], q)
     with pytest.raises(PackingError, match="unknown gene"):
-        pack_model(tiny_llama, inv, {"block.0": 4, "block.1": 4, "block.2": 4, "block.9": 4}, q)
+        pack_model(tiny_llama, inv, {"block.0": "4", "block.1": "4", "block.2": "4", "block.9": "4"}, q)
     with pytest.raises(PackingError, match="missing"):
-        pack_model(tiny_llama, inv, {"block.0": 4}, q)
+        pack_model(tiny_llama, inv, {"block.0": "4"}, q)
+    # a qtype RTN cannot store is refused before any module is swapped
+    with pytest.raises(ValueError, match="bit-width 9 is not supported"):
+        pack_model(tiny_llama, inv, {"block.0": "4", "block.1": "9", "block.2": "4"}, q)
+    assert not any(isinstance(m, PackedLinear) for m in tiny_llama.modules())

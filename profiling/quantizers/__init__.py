@@ -21,11 +21,12 @@ dimension (rows of ``in_features`` values), which is how both llama.cpp and EMPA
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
-
-import torch
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from ..settings import QUANTIZER_NAMES, QuantizerError, QuantizerSettings
+
+if TYPE_CHECKING:  # annotations only: `empas front`, `studies` and option parsing need no torch
+    import torch
 
 
 @runtime_checkable
@@ -55,7 +56,7 @@ class Quantizer(Protocol):
     def weight_bytes(self, qtype: str, out_features: int, in_features: int) -> int:
         """Bytes one weight takes when stored at ``qtype``: what the memory objective sums."""
 
-    def fake_quantize(self, weight: torch.Tensor, qtype: str, importance: torch.Tensor | None = None) -> torch.Tensor:
+    def fake_quantize(self, weight: "torch.Tensor", qtype: str, importance: "torch.Tensor | None" = None) -> "torch.Tensor":
         """The ``(out, in)`` weight exactly as the shipped model will see it, same dtype and shape.
 
         ``importance`` (``in_features`` values, the mean of x^2 per input column on calibration text)

@@ -6,7 +6,7 @@ and settings can be validated before any native library is loaded.
 
 A type stores a row of ``n`` weights as ``n / block_size`` blocks of ``type_size`` bytes, so it fits a
 weight only when the row length (``in_features``) is a multiple of its block size: 256 for the
-K-quants and IQ4_XS, 32 for the others. :data:`SHAPE_FALLBACK` is what ``llama-quantize`` silently
+K-quants, IQ4_XS and IQ3_S, 32 for the others. :data:`SHAPE_FALLBACK` is what ``llama-quantize`` silently
 uses instead when a row does not fit (``tensor_type_fallback`` in llama.cpp's ``llama-quant.cpp``):
 EMPAS offers each gene only the types valid for it, and the preset baselines reproduce the fallbacks.
 """
@@ -37,15 +37,17 @@ class GgmlType:
 
 
 #: The types EMPAS can quantise to (by ggml's name) and, by default, offers. ``f16`` means unquantised.
+#: IQ3_S is the one sub-4-bit IQ type llama.cpp quantises without an importance matrix; the IQ2/IQ1
+#: types and IQ3_XXS need one (``llama-quantize`` refuses them without it) and are not offered.
 SUPPORTED = ("F16", "Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0", "IQ4_NL", "IQ4_XS",
-             "Q3_K", "Q2_K")
+             "Q3_K", "IQ3_S", "Q2_K")
 DEFAULT_TYPES = ("F16", "Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0", "IQ4_NL", "Q3_K",
                  "Q2_K")
 UNQUANTIZED = "f16"
 
 #: llama.cpp's replacement for a type whose block does not divide the row (then F16 if that fails too).
 SHAPE_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0",
-                  "IQ4_XS": "IQ4_NL"}
+                  "IQ4_XS": "IQ4_NL", "IQ3_S": "IQ4_NL"}
 
 
 @lru_cache(maxsize=None)

@@ -1,15 +1,16 @@
-"""Weight quantisers.
+"""EMPAS's own quantiser: group-wise asymmetric round-to-nearest (RTN), shipped as a packed checkpoint.
 
 One function family serves profiling, evaluation and packing, so that what was measured is exactly
-what gets shipped: :func:`quantize` returns integer codes plus fp16 scales and zero-points,
-:func:`dequantize` turns them back into weights, and :func:`fake_quantize` is the composition of the
-two. The quantiser is group-wise asymmetric round-to-nearest (RTN) along the input dimension:
+what gets shipped: :meth:`RTNQuantizer.quantize` returns integer codes plus fp16 scales and
+zero-points, :meth:`RTNQuantizer.dequantize` turns them back into weights, and
+:meth:`RTNQuantizer.fake_quantize` is the composition of the two. Along the input dimension:
 
     w  ~=  code * scale + zero,      code in [0, 2**bits - 1]
 
 with one fp16 ``scale`` and one fp16 ``zero`` per group of ``group_size`` input columns of each
 output row. The last group of a row may be shorter (ragged) when the input width is not a multiple of
-``group_size`` (SmolLM2's 576 with groups of 128, say). ``bits == 16`` means "leave the weight as it is".
+``group_size`` (SmolLM2's 576 with groups of 128, say). Qtypes are the bit-widths as strings, "2" to
+"8", and "16" meaning "leave the weight as it is".
 """
 
 from __future__ import annotations
@@ -19,23 +20,17 @@ from dataclasses import dataclass
 
 import torch
 
+from ..settings import DEFAULT_GROUP_SIZE, RTN_UNQUANTIZED, QuantizerError, QuantizerSettings, parse_rtn_bits
+
 UNQUANTIZED_BITS = 16
-MIN_BITS, MAX_BITS = 2, 8
 #: Bits of per-group metadata: one fp16 scale and one fp16 zero-point.
 GROUP_METADATA_BITS = 32
 
 
-class QuantizerError(ValueError):
-    """Raised for impossible quantiser settings (bad bit-width, bad group size)."""
-
-
-def validate_bits(bits: int) -> int:
-    """Return ``bits`` if the quantiser supports it (2..8 or 16), else raise a one-line error."""
-    if isinstance(bits, bool) or not isinstance(bits, int):
-        raise QuantizerError(f"bit-width {bits!r} is not an integer: use whole numbers from 2 to 8, or 16")
-    if bits != UNQUANTIZED_BITS and not (MIN_BITS <= bits <= MAX_BITS):
-        raise QuantizerError(f"bit-width {bits} is not supported: use 2 to 8, or 16 for unquantised")
-    return bits
+def qtype_bits(qtype: str) -> int:
+    """The bit-width of an RTN qtype ("4" -> 4), or a one-line error for anything else."""
+    (checked,) = parse_rtn_bits([qtype])
+    return int(checked)
 
 
 @dataclass(frozen=True)
@@ -55,38 +50,59 @@ class QuantizedTensor:
 
 @dataclass(frozen=True)
 class RTNQuantizer:
-    """Group-wise asymmetric round-to-nearest. Pluggable: anything with the same methods will do."""
+    """Group-wise asymmetric round-to-nearest; implements :class:`profiling.quantizers.Quantizer`."""
 
-    group_size: int = 64
+    group_size: int = DEFAULT_GROUP_SIZE
+    qtypes: tuple[str, ...] = ("2", "4", "8", "16")
     name: str = "rtn"
+    unquantized: str = RTN_UNQUANTIZED
 
     def __post_init__(self) -> None:
-        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size <= 0:
-            raise QuantizerError(f"group size {self.group_size!r} must be a positive integer (e.g. 64)")
+        QuantizerSettings(name="rtn", qtypes=tuple(self.qtypes), group_size=self.group_size, imatrix=None).validate()
 
-    # -- settings --------------------------------------------------------------------------------
+    @classmethod
+    def from_settings(cls, settings: QuantizerSettings) -> "RTNQuantizer":
+        return cls(group_size=settings.group_size, qtypes=tuple(settings.qtypes))
+
+    # -- the protocol ------------------------------------------------------------------------------
     def settings(self) -> dict:
         """What identifies this quantiser in a profile key, a study and an artifact."""
         return {"name": self.name, "group_size": self.group_size}
 
+    def valid_for(self, qtype: str, out_features: int, in_features: int) -> bool:
+        qtype_bits(qtype)
+        return out_features > 0 and in_features > 0  # ragged last groups make every width fit
+
+    def bits_per_weight(self, qtype: str) -> float:
+        """The nominal bit-width (metadata not included), as EMPAS's tables have always shown it."""
+        return float(qtype_bits(qtype))
+
     def n_groups(self, in_features: int) -> int:
         return math.ceil(in_features / self.group_size)
 
-    def weight_bytes(self, out_features: int, in_features: int, bits: int) -> int:
-        """Bytes one weight takes when stored at ``bits`` (codes bit-packed per row + fp16 scale/zero).
+    def weight_bytes(self, qtype: str, out_features: int, in_features: int) -> int:
+        """Bytes one weight takes at ``qtype`` (codes bit-packed per row + fp16 scale/zero per group).
 
         This is the memory model the search optimises and the packed checkpoint must match.
         """
-        validate_bits(bits)
+        bits = qtype_bits(qtype)
         if bits == UNQUANTIZED_BITS:
             return out_features * in_features * 2
         code_bytes_per_row = math.ceil(in_features * bits / 8)
         meta_bytes_per_row = self.n_groups(in_features) * GROUP_METADATA_BITS // 8
         return out_features * (code_bytes_per_row + meta_bytes_per_row)
 
-    # -- the maths -------------------------------------------------------------------------------
-    def quantize(self, weight: torch.Tensor, bits: int) -> QuantizedTensor:
-        validate_bits(bits)
+    def fake_quantize(self, weight: torch.Tensor, qtype: str, importance: torch.Tensor | None = None) -> torch.Tensor:
+        """The weight as the quantised model will see it (same dtype and shape as ``weight``).
+
+        RTN has no use for an importance matrix: ``importance`` is accepted and ignored."""
+        if qtype_bits(qtype) == UNQUANTIZED_BITS:
+            return weight
+        return self.dequantize(self.quantize(weight, qtype), dtype=weight.dtype)
+
+    # -- the maths (also what the packed checkpoint stores) ----------------------------------------
+    def quantize(self, weight: torch.Tensor, qtype: str) -> QuantizedTensor:
+        bits = qtype_bits(qtype)
         if bits == UNQUANTIZED_BITS:
             raise QuantizerError("16 bits means unquantised: keep the weight as it is")
         if weight.dim() != 2:
@@ -114,12 +130,6 @@ class RTNQuantizer:
         zeros = q.zeros.float().repeat_interleave(q.group_size, dim=1)[:, :in_features]
         return (q.codes.float() * scales + zeros).to(dtype)
 
-    def fake_quantize(self, weight: torch.Tensor, bits: int) -> torch.Tensor:
-        """The weight as the quantised model will see it (same dtype and shape as ``weight``)."""
-        if validate_bits(bits) == UNQUANTIZED_BITS:
-            return weight
-        return self.dequantize(self.quantize(weight, bits), dtype=weight.dtype)
-
 
 def _pad_to_groups(weight: torch.Tensor, padded_width: int) -> torch.Tensor:
     """Pad columns by repeating the last one, so a ragged group's min/max see only real values."""
@@ -127,14 +137,3 @@ def _pad_to_groups(weight: torch.Tensor, padded_width: int) -> torch.Tensor:
     if missing == 0:
         return weight
     return torch.cat([weight, weight[:, -1:].expand(-1, missing)], dim=1)
-
-
-QUANTIZERS = {"rtn": RTNQuantizer}
-
-
-def make_quantizer(name: str = "rtn", group_size: int = 64) -> RTNQuantizer:
-    try:
-        cls = QUANTIZERS[name]
-    except KeyError:
-        raise QuantizerError(f"unknown quantiser {name!r}: choose one of {sorted(QUANTIZERS)}") from None
-    return cls(group_size=group_size)
