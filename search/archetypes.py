@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .pareto import non_dominated
+
 MIB = 1024 * 1024
 ARCHETYPES = ("max-accuracy", "balanced", "max-compression")
 DEFAULT_PPL_RISE_CAP = 0.25
@@ -76,20 +78,6 @@ def _valid(m: np.ndarray, l: np.ndarray) -> np.ndarray:
     return np.isfinite(m) & np.isfinite(l)
 
 
-def pareto_mask(memory, loss) -> np.ndarray:
-    """True for points no other point beats on both objectives (of exact duplicates, the first)."""
-    m, l = _as_arrays(memory, loss)
-    ok = _valid(m, l)
-    order = np.lexsort((l, m))
-    keep = np.zeros(m.size, dtype=bool)
-    best = np.inf
-    for i in order:
-        if ok[i] and l[i] < best:
-            keep[i] = True
-            best = l[i]
-    return keep
-
-
 def max_accuracy(memory, loss) -> int:
     """Index of the lowest loss (ties broken by less memory)."""
     m, l = _as_arrays(memory, loss)
@@ -108,7 +96,7 @@ def knee(memory, loss) -> int:
     no knee: the lowest-loss point is returned (and, with one point, that point).
     """
     m, l = _as_arrays(memory, loss)
-    front = np.flatnonzero(pareto_mask(m, l))
+    front = non_dominated(np.where(_valid(m, l), m, np.nan), l)
     if front.size == 0:
         raise ArchetypeError("no point has a finite loss and memory")
     fm, fl = m[front], l[front]
@@ -212,13 +200,15 @@ def _finite(x) -> bool:
 
 def select_archetypes(memory, predicted_loss, base_loss: float, archetypes=ARCHETYPES,
                       measured_loss=None, max_bytes: float | None = None, max_ppl_rise: float | None = None,
-                      basis: str = "auto") -> list[Choice]:
+                      basis: str = "auto", skipped: dict[str, str] | None = None) -> list[Choice]:
     """Choose each named archetype from a front, honouring optional budgets.
 
     ``max_bytes`` and ``max_ppl_rise`` restrict every archetype to points within them ("best accuracy
     under N MiB" is max-accuracy with ``max_bytes``); ``max_ppl_rise`` is also max-compression's cap
     (default 25%). Raises :class:`ArchetypeError` (one line, naming what is achievable) when a budget
-    leaves nothing. Decisions about all archetypes are made before the caller writes anything.
+    leaves nothing. With ``skipped`` (a dict), an archetype that cannot be met inside budgets that do
+    leave points (max-compression's cap under a tight --max-mib) is recorded there with its reason and
+    the others are still chosen. Decisions about all archetypes are made before the caller writes.
     """
     m = np.asarray(memory, dtype=np.float64).reshape(-1)
     pred = np.asarray(predicted_loss, dtype=np.float64).reshape(-1)
@@ -248,22 +238,31 @@ def select_archetypes(memory, predicted_loss, base_loss: float, archetypes=ARCHE
 
     choices = []
     for name in archetypes:
-        if name == "max-accuracy":
-            i, rule = max_accuracy(lm, loss), "lowest loss"
-        elif name == "balanced":
-            # The knee of the *usable* part of the front: points past the PPL-rise cap (ruined 2-bit
-            # genomes) would otherwise drag the knee below max-compression's memory.
-            usable = allowed & (ppl_rise(loss, base_loss) <= cap + 1e-12)
-            within = np.where(usable, m, np.nan) if usable.any() else lm
-            i = knee(within, loss)
-            rule = (f"knee of the front within PPL rise <= {100 * cap:g}% "
-                    "(normalised distance from the extremes' line)")
-        else:
-            i = smallest_under_ppl_rise(lm, loss, base_loss, cap)
-            rule = f"lowest memory with PPL rise <= {100 * cap:g}%"
-        choices.append(Choice(archetype=name, index=i, memory_bytes=int(m[i]), loss=float(loss[i]), basis=used,
-                              ppl_rise=float(ppl_rise(loss[i], base_loss)), rule=rule + budget_text))
+        try:
+            choices.append(_choose(name, m, loss, lm, allowed, base_loss, cap, used, budget_text))
+        except ArchetypeError as exc:
+            if skipped is None:
+                raise
+            skipped[name] = str(exc)
     return choices
+
+
+def _choose(name, m, loss, lm, allowed, base_loss, cap, used, budget_text) -> Choice:
+    if name == "max-accuracy":
+        i, rule = max_accuracy(lm, loss), "lowest loss"
+    elif name == "balanced":
+        # The knee of the *usable* part of the front: points past the PPL-rise cap (ruined 2-bit
+        # genomes) would otherwise drag the knee below max-compression's memory.
+        usable = allowed & (ppl_rise(loss, base_loss) <= cap + 1e-12)
+        within = np.where(usable, m, np.nan) if usable.any() else lm
+        i = knee(within, loss)
+        rule = (f"knee of the front within PPL rise <= {100 * cap:g}% "
+                "(normalised distance from the extremes' line)")
+    else:
+        i = smallest_under_ppl_rise(lm, loss, base_loss, cap)
+        rule = f"lowest memory with PPL rise <= {100 * cap:g}%"
+    return Choice(archetype=name, index=i, memory_bytes=int(m[i]), loss=float(loss[i]), basis=used,
+                  ppl_rise=float(ppl_rise(loss[i], base_loss)), rule=rule + budget_text)
 
 
 def _budget_text(max_bytes, max_ppl_rise) -> str:
@@ -290,14 +289,14 @@ def front_arrays(points, base_loss: float) -> tuple[np.ndarray, np.ndarray, np.n
     return memory, predicted, measured
 
 
-def predicted_metrics(profile, bits) -> dict:
+def predicted_metrics(profile, qtypes) -> dict:
     """The proxy's numbers for a genome, every one of them a prediction (calibration-based)."""
-    loss = profile.predicted_loss(bits)
+    loss = profile.predicted_loss(qtypes)
     return {"loss": loss, "ppl": math.exp(loss), "kl": loss - profile.base_loss,
             "ppl_rise_pct": 100.0 * math.expm1(loss - profile.base_loss),
             "dense_loss": profile.base_loss, "dense_ppl": math.exp(profile.base_loss),
-            "average_bits": profile.average_bits(bits), "memory_bytes": profile.memory_bytes(bits),
-            "memory_mib": profile.memory_bytes(bits) / MIB,
+            "average_bits": profile.average_bits(qtypes), "memory_bytes": profile.memory_bytes(qtypes),
+            "memory_mib": profile.memory_bytes(qtypes) / MIB, "memory_basis": profile.memory_basis,
             "on": f"{profile.calibration_tokens} calibration tokens ({profile.metric} profile, additive proxy)"}
 
 
@@ -305,105 +304,30 @@ def make_artifact(choice: Choice, point, profile, source: dict, heldout: dict | 
     """The JSON artifact of one chosen front point (see :mod:`storage.artifacts`)."""
     from storage.artifacts import Artifact, finite_or_none
 
-    bits = [int(b) for b in point.bits]
-    if len(bits) != profile.n_genes:
-        raise ValueError(f"trial {getattr(point, 'trial_number', '?')} has {len(bits)} genes, "
+    qtypes = [str(q) for q in point.qtypes]
+    if len(qtypes) != profile.n_genes:
+        raise ValueError(f"trial {getattr(point, 'trial_number', '?')} has {len(qtypes)} genes, "
                          f"the profile {profile.n_genes}: the study is inconsistent")
     measured = {}
     search_measured = getattr(point, "measured", None)
     if search_measured:
-        measured["search"] = {str(k): (v if isinstance(v, str) else finite_or_none(v))
-                              for k, v in search_measured.items() if isinstance(v, (int, float, str))}
+        # "search": the study's measured mode; "calibration": the export's refinement (both on calibration text)
+        where = "calibration" if search_measured.get("on") == "calibration" else "search"
+        measured[where] = {str(k): (v if isinstance(v, str) else finite_or_none(v))
+                           for k, v in search_measured.items() if isinstance(v, (int, float, str))}
     if heldout:
         measured["heldout"] = heldout
     metrics = {"predicted": {k: (v if isinstance(v, str) else finite_or_none(v))
-                             for k, v in predicted_metrics(profile, bits).items()}}
+                             for k, v in predicted_metrics(profile, qtypes).items()}}
     if measured:
         metrics["measured"] = measured
     return Artifact(
         archetype=choice.archetype, model_id=profile.model_id, model_fingerprint=profile.model_fingerprint,
         quantizer=dict(profile.quantizer), granularity=profile.granularity,
-        genes=dict(zip(profile.gene_names, bits)), memory_bytes=int(profile.memory_bytes(bits)),
+        genes=dict(zip(profile.gene_names, qtypes)), memory_bytes=int(profile.memory_bytes(qtypes)),
         metrics=metrics,
         selection={"rule": choice.rule, "basis": choice.basis, "loss": finite_or_none(choice.loss),
                    "ppl_rise_pct": finite_or_none(100.0 * choice.ppl_rise)},
         source={**source, "trial": getattr(point, "trial_number", None),
                 "calibration": {"corpus": profile.corpus_source, "corpus_fingerprint": profile.corpus_fingerprint,
                                 "tokens": profile.calibration_tokens}})
-
-
-@dataclass
-class ExportResult:
-    choices: list[Choice]
-    points: list  # the front point of each choice
-    artifacts: list  # storage.artifacts.Artifact, one per choice
-    paths: list  # where they were written (empty until written)
-    validation: object | None = None  # profiling.validation.ValidationResult
-
-
-def spread_indices(memory, count: int, exclude=()) -> list[int]:
-    """``count`` point indices spread evenly over the memory range (for proxy-vs-measured checks)."""
-    m = np.asarray(memory, dtype=np.float64)
-    order = [int(i) for i in np.argsort(m, kind="stable") if int(i) not in set(exclude)]
-    if count <= 0 or not order:
-        return []
-    picks = np.unique(np.linspace(0, len(order) - 1, min(count, len(order))).round().astype(int))
-    return [order[p] for p in picks]
-
-
-def export_archetypes(front, out_dir, study: str, storage_url: str, archetypes=ARCHETYPES,
-                      max_bytes: float | None = None, max_ppl_rise: float | None = None, basis: str = "auto",
-                      validation=None, validate_points: int = 8, progress=None, write: bool = True) -> ExportResult:
-    """Choose archetypes from a study's front, optionally measure them, and write one artifact each.
-
-    ``front`` is a ``search.study.FrontData`` (``profile``, ``points``). ``validation`` (a
-    :class:`profiling.validation.ValidationSetup` on the same model) adds held-out measurements of every
-    chosen genome plus ``validate_points`` front points spread over memory (for the proxy-vs-measured
-    correlation). Every choice and measurement is made before the first file is written, so a bad
-    budget or an interrupted validation writes nothing; each file is written atomically.
-    """
-    from pathlib import Path
-
-    from storage.artifacts import save_artifact
-    from storage.urls import redact
-
-    folder = Path(out_dir)
-    if write and folder.exists() and not folder.is_dir():
-        raise ValueError(f"{folder} exists and is not a folder: pass another -o DIR")
-    profile, points = front.profile, list(front.points)
-    memory, predicted, measured = front_arrays(points, profile.base_loss)
-    choices = select_archetypes(memory, predicted, profile.base_loss, archetypes, measured, max_bytes,
-                                max_ppl_rise, basis)
-    heldout_by_index: dict[int, dict] = {}
-    result = None
-    if validation is not None:
-        from profiling.validation import genome_from_mapping, measured_metrics
-
-        inv = validation.inventory(profile.granularity)
-        chosen = list(dict.fromkeys(c.index for c in choices))
-        extra = spread_indices(memory, validate_points, exclude=chosen)
-        names = {}
-        for c in choices:
-            names.setdefault(c.index, c.archetype)
-        genomes = []
-        for i in chosen + extra:
-            p = points[i]
-            trial = getattr(p, "trial_number", None)
-            label = names.get(i, "front")
-            genomes.append(genome_from_mapping(
-                inv, dict(zip(profile.gene_names, [int(b) for b in p.bits])),
-                f"{label} (trial {trial})" if trial is not None else f"{label} #{i}",
-                kind="archetype" if i in names else "front", predicted_loss=float(predicted[i]),
-                predicted_base_loss=profile.base_loss, source={"index": i, "trial": trial}))
-        result = validation.run(genomes, progress=progress)
-        for i, row in zip(chosen + extra, result.rows):
-            heldout_by_index[i] = measured_metrics(row, result)
-    source = {"study": study, "storage": redact(storage_url)}
-    artifacts = [make_artifact(c, points[c.index], profile, source, heldout_by_index.get(c.index))
-                 for c in choices]
-    out = ExportResult(choices=choices, points=[points[c.index] for c in choices], artifacts=artifacts, paths=[],
-                       validation=result)
-    if write:
-        for c, art in zip(choices, artifacts):
-            out.paths.append(save_artifact(art, folder / f"{c.archetype}.json"))
-    return out

@@ -1,11 +1,12 @@
 """optuna-dashboard served in-process on 127.0.0.1, for ``empas dashboard`` and the TUI.
 
 ``optuna_dashboard.wsgi(storage)`` is a plain WSGI app; a threading ``wsgiref`` server runs it on the
-loopback interface only (reach it from elsewhere with ``ssh -L``). Port 0 picks a free port.
+loopback interface only (reach it from elsewhere with ``ssh -L``). Port 0 picks a free port. Requests
+addressed to another host name (DNS rebinding) and cross-origin writes are refused (:class:`LoopbackOnly`).
 
 Two things make large studies open faster than ``optuna-dashboard URL`` would:
 
-- the storage reads trials column-wise (:func:`storage.studies.open_fast_read_storage`), ~8x faster
+- the storage reads trials column-wise (:func:`storage.studies.fast_read_storage`), ~8x faster
   than Optuna's ORM path on 5,000-trial studies;
 - the study endpoint (which rebuilds its search-space summary from every trial on *each* request, also
   for the 10 s polls) is answered from a cache while the study is unchanged: same trial count, last
@@ -23,8 +24,9 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from storage.studies import open_fast_read_storage, study_version
-from storage.urls import StorageError, resolve_storage_url
+from storage.database import open_database
+from storage.studies import fast_read_storage, study_version
+from storage.urls import StorageError
 
 HOST = "127.0.0.1"
 
@@ -116,6 +118,56 @@ class CachingStudyEndpoint:
             pass
 
 
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]", "::1")
+UNSAFE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
+
+
+def host_name(host_header: str) -> str:
+    """The name in a Host header, without the port ("[::1]:8080" -> "[::1]")."""
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        return host[: host.find("]") + 1] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+class LoopbackOnly:
+    """WSGI middleware: answer only requests addressed to the loopback name, and no cross-site writes.
+
+    Binding 127.0.0.1 keeps other machines out, not other web sites: a page the user opens can point
+    its own host name at 127.0.0.1 (DNS rebinding) and then talk to the dashboard as same-origin; the
+    browser still sends that page's name as ``Host``, so any Host but a loopback name gets 403. A
+    page on another origin can also send writes (a form POST, a fetch) that need no answer to do harm:
+    state-changing methods are refused when ``Origin`` is not this server's own, or when the browser's
+    ``Sec-Fetch-Site`` says cross-site. Any port is accepted in Host, so ``ssh -L 9000:127.0.0.1:8080``
+    works; tools that send neither header (curl, scripts) are not browsers and are let through."""
+
+    def __init__(self, app):
+        self.app = app
+
+    @staticmethod
+    def refusal(environ) -> str | None:
+        host = environ.get("HTTP_HOST") or ""
+        if host_name(host) not in LOOPBACK_NAMES:
+            return f"Host {host[:80]!r} is not this machine's loopback address: open http://127.0.0.1:<port>/"
+        if environ.get("REQUEST_METHOD", "GET").upper() in UNSAFE_METHODS:
+            origin = environ.get("HTTP_ORIGIN")
+            if origin is not None and origin.strip().lower() != f"http://{host.strip().lower()}":
+                return f"cross-origin {environ.get('REQUEST_METHOD')} from {origin[:80]!r} refused"
+            site = (environ.get("HTTP_SEC_FETCH_SITE") or "").lower()
+            if site and site not in ("same-origin", "none"):
+                return f"{site} {environ.get('REQUEST_METHOD')} refused"
+        return None
+
+    def __call__(self, environ, start_response):
+        why = self.refusal(environ)
+        if why is None:
+            return self.app(environ, start_response)
+        body = (why + "\n").encode()
+        start_response("403 Forbidden", [("Content-Type", "text/plain; charset=utf-8"),
+                                         ("Content-Length", str(len(body)))])
+        return [body]
+
+
 @dataclass
 class DashboardServer:
     server: WSGIServer
@@ -145,10 +197,11 @@ def start_dashboard(storage_url: str | None = None, port: int = 0, background: b
 
     if not 0 <= int(port) <= 65535:
         raise StorageError(f"port {port} is not valid: pass 0 (any free port) or 1-65535")
-    storage = open_fast_read_storage(resolve_storage_url(storage_url))
+    storage = fast_read_storage(open_database(storage_url))
     app = CachingStudyEndpoint(optuna_dashboard.wsgi(storage), storage)
     try:
-        server = make_server(HOST, int(port), app, server_class=_ThreadingWSGIServer, handler_class=_QuietHandler)
+        server = make_server(HOST, int(port), LoopbackOnly(app), server_class=_ThreadingWSGIServer,
+                             handler_class=_QuietHandler)
     except OSError as exc:
         raise StorageError(f"cannot listen on {HOST}:{port} ({exc.strerror or exc}): pass another --port or 0") from None
     thread = None

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .pareto import non_dominated
+
 
 @dataclass(frozen=True)
 class ExactFront:
@@ -24,20 +26,12 @@ class ExactFront:
         return len(self.memory)
 
 
-def _non_dominated(memory: np.ndarray, loss: np.ndarray) -> np.ndarray:
-    """Indices of the points no other point beats on both objectives (one per tie), memory ascending."""
-    order = np.lexsort((loss, memory))
-    m, l = memory[order], loss[order]
-    best_before = np.minimum.accumulate(np.concatenate([[np.inf], l[:-1]]))
-    keep = l < best_before
-    return order[keep]
-
-
 def exact_front(cost: np.ndarray, sensitivity: np.ndarray, max_points: int | None = None) -> ExactFront:
     """Pareto front of ``sum_i cost[i, g_i]`` vs ``sum_i sensitivity[i, g_i]`` over all genomes g.
 
     ``max_points`` (optional) thins each intermediate front to that many points evenly spread in memory,
-    bounding time and memory for very large instances; left unset the result is exact.
+    bounding time and memory for very large instances; left unset the result is exact. A choice a gene
+    cannot take is given loss ``inf``: it is never on a front.
     """
     cost = np.asarray(cost, dtype=np.int64)
     sens = np.asarray(sensitivity, dtype=np.float64)
@@ -49,7 +43,7 @@ def exact_front(cost: np.ndarray, sensitivity: np.ndarray, max_points: int | Non
     for i in range(n_genes):
         cand_mem = (memory[:, None] + cost[i][None, :]).ravel()
         cand_loss = (loss[:, None] + sens[i][None, :]).ravel()
-        keep = _non_dominated(cand_mem, cand_loss)
+        keep = non_dominated(cand_mem, cand_loss)
         if max_points and len(keep) > max_points:
             keep = keep[np.unique(np.linspace(0, len(keep) - 1, max_points).round().astype(np.int64))]
         parents.append(keep // n_choices)
@@ -65,5 +59,6 @@ def exact_front(cost: np.ndarray, sensitivity: np.ndarray, max_points: int | Non
 
 def front_for_space(space, max_points: int | None = None) -> ExactFront:
     """Exact front of a :class:`~search.space.SearchSpace`, with fixed bytes and base loss added."""
-    f = exact_front(space.cost_bytes, space.sensitivity, max_points)
+    cost, loss = space.sums_tables()
+    f = exact_front(cost, loss, max_points)
     return ExactFront(memory=f.memory + space.fixed_bytes, loss=f.loss + space.base_loss, genomes=f.genomes)

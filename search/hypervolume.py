@@ -1,7 +1,8 @@
 """Hypervolume of a 2-objective front (both minimised), and the normalisation used to compare fronts.
 
-Optuna 5 has no public hypervolume function; ``optuna._hypervolume.compute_hypervolume`` is private, so
-its import is guarded and a 2-D sweep (sort by the first objective, sum the rectangles) stands in.
+Optuna 5 has no public hypervolume function; ``optuna._hypervolume.compute_hypervolume`` is private
+(reached through :mod:`storage.optuna_adapter`), and a 2-D sweep (sort by the first objective, sum the
+rectangles) stands in when it is missing or fails.
 Fronts are compared in a box normalised by the *exact* front's ideal and nadir points, with the
 reference point at 1.1 x the nadir in both objectives, so the ratio NSGA-II / exact does not depend on
 units (bytes vs nats).
@@ -13,10 +14,9 @@ import numpy as np
 
 REFERENCE = 1.1  # reference point in normalised coordinates (nadir = 1, ideal = 0)
 
-try:  # pragma: no cover - depends on the installed Optuna
-    from optuna._hypervolume import compute_hypervolume as _optuna_hv
-except Exception:  # noqa: BLE001 - any import problem means: use the sweep
-    _optuna_hv = None
+from storage.optuna_adapter import compute_hypervolume
+
+_optuna_hv = compute_hypervolume()
 
 
 def sweep_2d(points: np.ndarray, reference: np.ndarray) -> float:
