@@ -102,3 +102,12 @@ def storage_url(request, tmp_path):
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+def rtn_settings(bits="2,4,16", granularity="block", group_size=32, calib_tokens=128, heldout_tokens=128,
+                 seq_len=32, **kw):
+    """ProfileSettings for the RTN quantiser with small token counts (tests)."""
+    from profiling.settings import ProfileSettings, QuantizerSettings
+
+    return ProfileSettings(granularity=granularity, quantizer=QuantizerSettings.parse("rtn", bits, group_size),
+                           calib_tokens=calib_tokens, heldout_tokens=heldout_tokens, seq_len=seq_len, **kw)

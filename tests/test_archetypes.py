@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from search.archetypes import (MIB, ArchetypeError, best_under_memory, effective_objectives, front_arrays,
-                               knee, max_accuracy, max_compression, measured_as_loss, pareto_mask, ppl_rise,
-                               select_archetypes, smallest_under_ppl_rise)
+                               knee, max_accuracy, max_compression, measured_as_loss, ppl_rise, select_archetypes,
+                               smallest_under_ppl_rise)
+from search.pareto import front_mask
 
 BASE = 3.0
 
@@ -104,6 +105,24 @@ def test_select_archetypes_all_with_budgets():
         select_archetypes([], [], BASE)
 
 
+def test_select_archetypes_skips_what_a_tight_budget_rules_out():
+    """Under 2 MiB only points 0 and 1 fit (PPL rise 639% and 123%): max-compression's 25% cap cannot be
+    met there, so with ``skipped`` it is recorded with its reason and the other two are still chosen."""
+    m, l = convex_front()
+    skipped = {}
+    choices = select_archetypes(m, l, BASE, max_bytes=2 * MIB, skipped=skipped)
+    assert [c.archetype for c in choices] == ["max-accuracy", "balanced"]
+    assert all(c.index == 1 for c in choices)  # two points: no knee, the lowest loss
+    assert list(skipped) == ["max-compression"]
+    assert "lowest achievable is 122.6% (at 2.0 MiB)" in skipped["max-compression"]
+    assert "\n" not in skipped["max-compression"]
+    # without ``skipped`` the same request is an error; a budget that leaves no point at all still is
+    with pytest.raises(ArchetypeError, match="lowest achievable is 122.6%"):
+        select_archetypes(m, l, BASE, max_bytes=2 * MIB)
+    with pytest.raises(ArchetypeError, match="smallest achievable"):
+        select_archetypes(m, l, BASE, max_bytes=0.1 * MIB, skipped={})
+
+
 def test_measured_values_decide_and_are_labelled():
     m, l = convex_front()
     measured = np.full(len(m), np.nan)
@@ -132,18 +151,21 @@ def test_measured_as_loss_and_front_arrays():
     assert measured_as_loss({"loss": 4.5, "base_loss": 4.0}, BASE) == pytest.approx(BASE + 0.5)
     assert math.isnan(measured_as_loss(None, BASE)) and math.isnan(measured_as_loss({"kl": None}, BASE))
     assert math.isnan(measured_as_loss({"kl": float("nan")}, BASE))
-    points = [SimpleNamespace(trial_number=0, bits=[4], predicted_loss=3.5, memory_bytes=100, measured=None),
-              SimpleNamespace(trial_number=1, bits=[8], predicted_loss=3.1, memory_bytes=200,
+    points = [SimpleNamespace(trial_number=0, qtypes=["4"], predicted_loss=3.5, memory_bytes=100, measured=None),
+              SimpleNamespace(trial_number=1, qtypes=["8"], predicted_loss=3.1, memory_bytes=200,
                               measured={"kl": 0.2})]
     mem, pred, meas = front_arrays(points, BASE)
     assert mem.tolist() == [100, 200] and pred.tolist() == [3.5, 3.1]
     assert math.isnan(meas[0]) and meas[1] == pytest.approx(3.2)
 
 
-def test_pareto_mask_and_ppl_rise():
+def test_front_mask_and_ppl_rise():
     m = np.array([1, 2, 2, 3, 4.0, np.nan])
     l = np.array([5, 4, 6, 4, 1.0, 0.0])
-    assert pareto_mask(m, l).tolist() == [True, True, False, False, True, False]
+    assert front_mask(m, l).tolist() == [True, True, False, False, True, False]
+    # fronts are distinct points: an identical copy of a front point counts once (the first one)
+    assert front_mask(np.append(m, 2.0), np.append(l, 4.0)).tolist() == [True, True, False, False, True, False,
+                                                                          False]
     assert ppl_rise(BASE + math.log(1.25), BASE) == pytest.approx(0.25)
 
 
@@ -157,7 +179,8 @@ def test_archetypes_on_exact_front_of_a_random_space():
     params = rng.integers(1000, 5000, size=n)
     cost = np.stack([params * b // 8 for b in bits], axis=1).astype(np.int64)
     sens = np.stack([rng.random(n) * s for s in (1.0, 0.1, 0.001, 0.0)], axis=1)
-    space = SearchSpace(tuple(f"g{i}" for i in range(n)), bits, cost, sens, params, 1000, BASE)
+    space = SearchSpace(tuple(f"g{i}" for i in range(n)), tuple(str(b) for b in bits), np.array(bits, dtype=float),
+                        cost, sens, params, 1000, BASE)
     front = front_for_space(space)
     choices = {c.archetype: c for c in select_archetypes(front.memory, front.loss, BASE)}
     acc, bal, comp = choices["max-accuracy"], choices["balanced"], choices["max-compression"]

@@ -5,6 +5,7 @@ import json
 import shutil
 import socket
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,18 +13,21 @@ import torch
 
 from conftest import make_tiny_llama
 from empas_tui.cli import main
-from empas_tui.commands.deploy import InferenceService, ServeLimits, make_server, service_for
+from profiling.deploy.checkpoint import (MANIFEST_NAME, WEIGHTS_NAME, CheckpointError, apply_artifact, load_packed,
+                                         safetensors_tensor_bytes, save_packed)
+from profiling.deploy.generation import generate_text, heldout_loss
+from profiling.deploy.measure import measure_loaded
+from profiling.deploy.packed_modules import PackedLinear
+from profiling.deploy.packing import as_shipped, pack_model, resident_bytes
+from profiling.deploy.serve import InferenceService, ServeLimits, make_server, service_for
 from profiling.inventory import build_inventory
 from profiling.models import load_model
-from profiling.packed import (PackedLinear, as_shipped, generate_text, heldout_loss, measure_loaded,
-                              resident_bytes)
-from profiling.quantizer import RTNQuantizer
-from storage.artifacts import save_artifact
-from storage.checkpoint import (MANIFEST_NAME, WEIGHTS_NAME, CheckpointError, apply_artifact, load_packed,
-                                safetensors_tensor_bytes, save_packed)
+from profiling.quantizers.rtn import RTNQuantizer
+from storage.artifacts import load_artifact, save_artifact
+from storage.atomic import WriteError
 from test_deploy_support import artifact_for, byte_tokenizer, save_model_folder, tiny_gpt2
 
-GENOME = {"block.0": 2, "block.1": 16, "*": 3}
+GENOME = {"block.0": "2", "block.1": "16", "*": "3"}
 
 
 @pytest.fixture
@@ -88,8 +92,8 @@ def test_generate_and_measure_in_process(tiny_setup):
 
 def test_fake_quant_reference_of_checkpoints(tiny_setup, capsys):
     """What `empas measure --dense` prints next to each packed PPL, and the table itself."""
-    from empas_tui.commands.deploy import _fake_quant_losses, print_measure_table
-    from storage.checkpoint import read_manifest
+    from empas_tui.cli.deploy import _fake_quant_losses, print_measure_table
+    from profiling.deploy.checkpoint import read_manifest
 
     apply_artifact(tiny_setup["artifact_path"], tiny_setup["out"])
     ck = load_packed(tiny_setup["out"])
@@ -122,6 +126,28 @@ def test_cli_apply_load_generate(tiny_setup, capsys):
     assert (Path(out) / MANIFEST_NAME).is_file() and not leftovers(Path(out).parent)
 
 
+def test_cli_measure_in_a_fresh_process(tiny_setup, capsys):
+    """`empas measure DIR --json`: the checkpoint is loaded and measured in a child process (honest RSS);
+    its numbers equal the same measurements made here."""
+    from empas_tui.cli.deploy import _heldout_tokens
+
+    out = str(tiny_setup["out"])
+    apply_artifact(tiny_setup["artifact_path"], out)
+    assert main(["measure", out, "--json", "--heldout-tokens", "64", "--seq-len", "16", "--gen-tokens", "2",
+                 "--threads", "1"]) == 0
+    table = json.loads(capsys.readouterr().out)
+    assert table["heldout_tokens"] == 64 and table["seq_len"] == 16 and len(table["rows"]) == 1
+    row = table["rows"][0]
+    assert row["kind"] == "packed" and row["gen_tokens"] == 2 and len(row["tokens_per_s_runs"]) == 3
+    assert row["checkpoint_bytes"] == row["memory_model_bytes"] == tiny_setup["artifact"].memory_bytes
+    ck = load_packed(out)
+    assert row["heldout_loss"] == pytest.approx(heldout_loss(ck.model, _heldout_tokens(out, 64, 16, None)), rel=1e-6)
+    assert row["resident_bytes"] == resident_bytes(ck.model)
+    # the child's own peak: its runtime and the model, not this test process's
+    assert row["rss_baseline_bytes"] < row["peak_rss_bytes"] < row["peak_rss_with_eval_bytes"] + 1
+    assert row["peak_rss_bytes"] > row["resident_bytes"]
+
+
 def one_line_error(capsys, argv) -> str:
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
@@ -148,9 +174,29 @@ def test_cli_bad_inputs(tiny_setup, tmp_path, capsys):
     assert "not an EMPAS checkpoint" in one_line_error(
         capsys, ["apply", str(tiny_setup["artifact_path"]), "-o", str(busy), "--force"])
     assert (busy / "notes.txt").read_text() == "mine"
+    # qtypes the packed RTN checkpoint cannot hold: a ggml artifact (it ships as GGUF) and a bit-width RTN
+    # does not have (the artifact schema accepts any qtype string; the quantiser checks it on use)
+    good = load_artifact(tiny_setup["artifact_path"])
+    ggml = replace(good, quantizer={"name": "ggml", "importance": "calibration"}, genes=dict.fromkeys(good.genes, "q4_0"))
+    assert "GGUF" in one_line_error(capsys, ["apply", str(save_artifact(ggml, tmp_path / "ggml.json")), "-o", out])
+    nine = replace(good, genes={**good.genes, "block.1": "9"})
+    assert "bit-width 9 is not supported" in one_line_error(
+        capsys, ["apply", str(save_artifact(nine, tmp_path / "nine.json")), "-o", out])
     assert not Path(out).exists() and not leftovers(tmp_path)
     assert "no empas_packing.json" in one_line_error(capsys, ["load", str(busy)])
     assert "empty" in one_line_error(capsys, ["generate", str(busy), "--prompt", " "])
+
+
+def test_cli_serve_refuses_a_busy_port(tiny_setup, capsys):
+    """`empas serve` builds its service and server from the checkpoint; a port in use is one line."""
+    apply_artifact(tiny_setup["artifact_path"], tiny_setup["out"])
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        err = one_line_error(capsys, ["serve", str(tiny_setup["out"]), "--port", str(port)])
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "--port" in err
+    assert "--port" in one_line_error(capsys, ["serve", str(tiny_setup["out"]), "--port", "70000"])
 
 
 def test_corrupt_checkpoint_is_refused(tiny_setup):
@@ -174,7 +220,7 @@ class FailingTokenizer:
 
 def test_failed_save_leaves_nothing(tmp_path):
     model = make_tiny_llama()
-    with pytest.raises(OSError):
+    with pytest.raises((OSError, WriteError)):  # a nameable failure (a full disk) is a one-line WriteError
         save_packed(model, FailingTokenizer(), tmp_path / "out", {"genes": {}})
     assert list(tmp_path.iterdir()) == []
 
@@ -183,10 +229,8 @@ def test_failed_save_leaves_nothing(tmp_path):
 
 @pytest.fixture
 def server():
-    from profiling.packed import pack_model
-
     model = make_tiny_llama()
-    pack_model(model, build_inventory(model, "block"), [4, 8, 16], RTNQuantizer(64))
+    pack_model(model, build_inventory(model, "block"), ["4", "8", "16"], RTNQuantizer(64))
     limits = ServeLimits(max_new_tokens=8, default_new_tokens=2, max_prompt_chars=50, max_prompt_tokens=40,
                          max_body_bytes=400)
     srv = make_server(InferenceService(model, byte_tokenizer(), limits, {"model": "tiny"}), "127.0.0.1", 0)

@@ -56,18 +56,19 @@ def save_model_folder(model, folder: Path) -> Path:
 
 
 def artifact_for(loaded, bits_by_gene: dict, granularity: str = "block", group_size: int = 64):
-    """An Artifact for ``loaded`` whose memory_bytes is the memory model's prediction."""
+    """An RTN Artifact for ``loaded`` ({gene: bits}, "*" for the rest, default 4) whose memory_bytes is
+    the memory model's prediction."""
     from profiling.inventory import build_inventory
-    from profiling.quantizer import RTNQuantizer
+    from profiling.quantizers.rtn import RTNQuantizer
     from storage.artifacts import Artifact
 
     inv = build_inventory(loaded.model, granularity)
     q = RTNQuantizer(group_size)
     names = inv.gene_names()
-    bits = [bits_by_gene[n] if n in bits_by_gene else bits_by_gene.get("*", 4) for n in names]
-    all_bits = sorted(set(bits))
-    table = inv.cost_table(q, all_bits)
-    memory = int(inv.fixed_bytes + sum(table[i, all_bits.index(b)] for i, b in enumerate(bits)))
+    qtypes = [str(bits_by_gene[n] if n in bits_by_gene else bits_by_gene.get("*", 4)) for n in names]
+    columns = sorted(set(qtypes), key=int)
+    table = inv.cost_table(q, columns)
+    memory = int(inv.fixed_bytes + sum(table[i, columns.index(t)] for i, t in enumerate(qtypes)))
     return Artifact(archetype="custom", model_id=loaded.model_id, model_fingerprint=loaded.fingerprint,
-                    quantizer=q.settings(), granularity=granularity, genes=dict(zip(names, bits)),
+                    quantizer=q.settings(), granularity=granularity, genes=dict(zip(names, qtypes)),
                     memory_bytes=memory)

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from empas_tui.cli import main
-from search.study import SearchSettings, run_search
+from cli_helpers import assert_one_line_error, run_cli, run_search, seed_synthetic_study
+from search.settings import SearchError, SearchSettings
 from search.synthetic import synthetic_profile
 
 FUZZ = settings(max_examples=150, deadline=None,
@@ -49,27 +49,21 @@ search_options = st.tuples(
 @pytest.fixture(scope="module")
 def db(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("fuzz") / "fuzz.db")
-    run_search(SearchSettings(study_name="s", population=P, trials=P), synthetic_profile(blocks=3, granularity="block"),
-               path)
+    seed_synthetic_study(path, population=P)
     return path
 
 
 def snapshot(db: str, name: str = "s"):
-    import optuna
+    """The study's trial count and stored attributes, read with plain sqlite3 from Optuna's schema
+    (independent of EMPAS, and without opening a new Optuna storage per fuzz case)."""
+    import sqlite3
 
-    study = optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
-    return len(study.get_trials(deepcopy=False)), study.user_attrs
-
-
-def run_cli(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code, err):
-    assert code == 2, err
-    assert err.startswith("empas: error: ") and err.count("\n") == 1, err
+    with sqlite3.connect(db) as conn:
+        (sid,) = conn.execute("SELECT study_id FROM studies WHERE study_name = ?", (name,)).fetchone()
+        (n_trials,) = conn.execute("SELECT COUNT(*) FROM trials WHERE study_id = ?", (sid,)).fetchone()
+        attrs = dict(conn.execute("SELECT key, value_json FROM study_user_attributes WHERE study_id = ?", (sid,)))
+    conn.close()
+    return n_trials, attrs
 
 
 COUNTS = {}
@@ -108,6 +102,9 @@ def test_fuzz_unknown_study_names(db, capsys, name):
     (["--seed", str(2**64)], "seed"),
     (["--crossover-prob", "nan"], "between 0 and 1"),
     (["--trials", "1e3"], "invalid int value"),
+    # refused from the stored settings, before the model is loaded (the model does not even exist)
+    (["--evaluate", "measured", "--model", "/no/such/model"], "created with --evaluate proxy"),
+    (["--max-mib", "100", "--model", "/no/such/model"], "created without --max-mib"),
 ])
 def test_absurd_numbers_are_refused(db, capsys, argv, message):
     before = snapshot(db)
@@ -118,8 +115,6 @@ def test_absurd_numbers_are_refused(db, capsys, argv, message):
 
 
 def test_new_study_with_absurd_population_is_refused(tmp_path):
-    from search.study import SearchError
-
     db = str(tmp_path / "new.db")
     for kwargs in ({"population": 10**9}, {"max_mib": float("inf")}, {"min_avg_bits": float("nan")},
                    {"seed": 2**40}):
@@ -133,16 +128,11 @@ def test_new_study_with_absurd_population_is_refused(tmp_path):
 # -- studies EMPAS did not write, or damaged ------------------------------------------------------------
 
 def _damage(db: str, name: str, attrs: dict) -> None:
-    import optuna
-
     from storage import studies as stt
+    from storage.database import open_database
 
-    storage = stt.open_storage(f"sqlite:///{db}")
-    try:
-        stt.set_study_user_attrs(storage, storage.get_study_id_from_name(name), attrs)
-    finally:
-        storage.engine.dispose()
-    del optuna
+    storage = open_database(db).optuna
+    stt.set_study_user_attrs(storage, storage.get_study_id_from_name(name), attrs)
 
 
 DAMAGE = {
@@ -157,8 +147,7 @@ DAMAGE = {
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
 def test_damaged_empas_study_is_one_line(tmp_path, capsys, damage):
     db = str(tmp_path / "dmg.db")
-    run_search(SearchSettings(study_name="s", population=P, trials=P), synthetic_profile(blocks=3, granularity="block"),
-               db)
+    seed_synthetic_study(db, population=P)
     _damage(db, "s", DAMAGE[damage])
     before = snapshot(db)
     for argv in (["search", "--study", "s", "--storage", db, "--trials", "8"], ["front", "--study", "s", "--storage", db]):
@@ -197,8 +186,9 @@ def test_non_utf8_text_file_is_one_line(tiny_model_dir, tmp_path, capsys, conten
     text = tmp_path / "corpus.txt"
     text.write_bytes(content)
     db = str(tmp_path / "t.db")
-    code, out, err = run_cli(capsys, "search", "--model", str(tiny_model_dir), "--text", str(text), "--storage", db,
-                             "--calib-tokens", "64", "--heldout-tokens", "64", "--seq-len", "32", "--trials", "8")
+    code, out, err = run_cli(capsys, "search", "--model", str(tiny_model_dir), "--quantizer", "rtn", "--text", str(text),
+                             "--storage", db, "--calib-tokens", "64", "--heldout-tokens", "64", "--seq-len", "32",
+                             "--trials", "8")
     assert_one_line_error(code, err)
     import optuna
 

@@ -2,26 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from empas_tui.cli import build_parser, main
-from search.study import SearchSettings, run_search
-from search.synthetic import synthetic_profile
+from cli_helpers import empas_process, run_cli, seed_synthetic_study
+from empas_tui.cli.entry import build_parser
 
-ROOT = Path(__file__).resolve().parent.parent
 SECRET = "S3cretPw_xyz"
-
-
-def run_cli(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_dashboard_binds_loopback(tmp_path):
@@ -41,7 +29,7 @@ def test_dashboard_binds_loopback(tmp_path):
 def test_serve_binds_loopback_by_default():
     import inspect
 
-    from empas_tui.commands.deploy import make_server
+    from profiling.deploy.serve import make_server
 
     assert build_parser().parse_args(["serve", "ckpt"]).host == "127.0.0.1"
     assert inspect.signature(make_server).parameters["host"].default == "127.0.0.1"
@@ -83,8 +71,7 @@ def test_password_not_printed_on_success(storage_url, capsys):
     if not storage_url.startswith("postgresql"):
         pytest.skip("SQLite URLs have no password")
     url = _with_password(storage_url)
-    run_search(SearchSettings(study_name="s", population=8, trials=8), synthetic_profile(blocks=3, granularity="block"),
-               url)
+    seed_synthetic_study(url)
     for argv in (["search", "--study", "s", "--trials", "8"], ["search", "--study", "s", "--trials", "8", "--json"],
                  ["studies"], ["studies", "--json"], ["front", "--study", "s"], ["front", "--study", "s", "--json"],
                  ["front", "--study", "nope"], ["search", "--study", "s", "--population", "3"]):
@@ -92,9 +79,7 @@ def test_password_not_printed_on_success(storage_url, capsys):
         assert code in (0, 2), err
         assert SECRET not in out + err, argv
     # the dashboard's start-up lines
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "empas_tui", "dashboard", "--storage", url, "--port", "0"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = empas_process("dashboard", "--storage", url, "--port", "0")  # a real process: stopped by SIGINT
     try:
         first = proc.stdout.readline()
     finally:

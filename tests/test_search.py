@@ -8,12 +8,43 @@ import numpy as np
 import optuna
 import pytest
 
+from search import catalogue, nsga
 from search.hypervolume import FrontScale, hypervolume_2d, sweep_2d
-from search.study import (SearchError, SearchSettings, default_study_name, delete_study, list_studies, load_front,
-                          run_search, study_info)
+from search.settings import SearchError, SearchSettings
+from search.study_record import default_study_name
 from search.synthetic import synthetic_profile
-from storage.studies import (BITS_ATTR, get_study_json, open_fast_read_storage, open_storage, set_study_json)
+from storage.database import open_database
+from storage.studies import GENOME_ATTR, fast_read_storage, get_study_json, set_study_json
 from storage.urls import StorageError
+
+
+# The engine takes an opened Database; these tests name storages by URL.
+def run_search(settings, profile, url, **kw):
+    return nsga.run_search(settings, profile, open_database(url), **kw)
+
+
+def load_front(url, name):
+    return catalogue.load_front(open_database(url), name)
+
+
+def study_info(url, name):
+    return catalogue.study_info(open_database(url), name)
+
+
+def list_studies(url):
+    return catalogue.list_studies(open_database(url))
+
+
+def delete_study(url, name):
+    return catalogue.delete_study(open_database(url), name)
+
+
+def open_storage(url):
+    return open_database(url).optuna
+
+
+def open_fast_read_storage(url):
+    return fast_read_storage(open_database(url))
 
 GEN = "NSGAIISampler:generation"
 
@@ -48,17 +79,17 @@ def test_study_is_plain_optuna_with_generations_params_and_seeds(db):
     # block granularity: every trial carries one categorical param per gene, named after the gene
     for t in trials:
         assert list(t.params) == profile.gene_names
-        assert t.distributions[profile.gene_names[0]] == optuna.distributions.CategoricalDistribution(profile.bits)
-        assert t.user_attrs[BITS_ATTR] == ",".join(str(t.params[n]) for n in profile.gene_names)
+        assert t.distributions[profile.gene_names[0]] == optuna.distributions.CategoricalDistribution(profile.qtypes)
+        assert t.user_attrs[GENOME_ATTR] == ",".join(str(t.params[n]) for n in profile.gene_names)
         assert t.values[0] == pytest.approx(profile.predicted_loss(list(t.params.values())))
         assert t.values[1] == profile.memory_bytes(list(t.params.values()))
     assert study.metric_names == ["predicted_loss", "memory_bytes"]
     # the seeds: every uniform genome opens generation 0, and NSGA-II selects from them
-    uniform = {b: next(t for t in trials if set(t.params.values()) == {b}) for b in profile.bits}
+    uniform = {b: next(t for t in trials if set(t.params.values()) == {b}) for b in profile.qtypes}
     assert all(t.system_attrs[GEN] == 0 for t in uniform.values())
     parents = set(system_attrs(db, result.study_name)["NSGAIISampler:parent:1"])
-    assert uniform[16]._trial_id in parents  # the loss minimum is always on the first front
-    assert uniform[2]._trial_id in parents  # and so is the memory minimum
+    assert uniform["16"]._trial_id in parents  # the loss minimum is always on the first front
+    assert uniform["2"]._trial_id in parents  # and so is the memory minimum
     # the study is self-contained
     attrs = study.user_attrs
     assert attrs["empas:model_fingerprint"] == profile.model_fingerprint
@@ -77,10 +108,15 @@ def test_linear_granularity_keeps_the_front_as_params(db):
     assert best and all(list(t.params) == profile.gene_names for t in best)
     # compact trials still carry their genome
     for t in study.trials:
-        bits = [int(b) for b in t.user_attrs[BITS_ATTR].split(",")]
+        bits = t.user_attrs[GENOME_ATTR].split(",")
         assert t.values[1] == profile.memory_bytes(bits)
     front = load_front(db, result.study_name)
-    assert sorted(p.trial_number for p in front.points) == sorted(t.number for t in best)
+    # the front lists each distinct point once (the first trial that reached it); Optuna lists copies too
+    first_of_each = {}
+    for t in sorted(best, key=lambda t: t.number):
+        first_of_each.setdefault(tuple(t.values), t.number)
+    assert sorted(p.trial_number for p in front.points) == sorted(first_of_each.values())
+    assert len(front.points) == len(result.front) == list_studies(db)[0]["front_size"]
 
 
 def test_resume_continues_generations_and_plain_optuna_can_continue(db):
@@ -98,7 +134,7 @@ def test_resume_continues_generations_and_plain_optuna_can_continue(db):
                               sampler=optuna.samplers.NSGAIISampler(population_size=8, seed=1))
 
     def objective(trial):
-        bits = [trial.suggest_categorical(n, profile.bits) for n in profile.gene_names]
+        bits = [trial.suggest_categorical(n, profile.qtypes) for n in profile.gene_names]
         return profile.predicted_loss(bits), profile.memory_bytes(bits)
 
     plain.optimize(objective, n_trials=8)
@@ -127,8 +163,8 @@ def test_partial_generation_is_completed_on_resume(db):
 
 def test_constraints_are_respected_and_infeasible_trials_kept(db):
     profile = small_profile(blocks=6)
-    lo = profile.memory_bytes([2] * profile.n_genes) / 2**20
-    hi = profile.memory_bytes([16] * profile.n_genes) / 2**20
+    lo = profile.memory_bytes(["2"] * profile.n_genes) / 2**20
+    hi = profile.memory_bytes(["16"] * profile.n_genes) / 2**20
     max_mib = lo + 0.4 * (hi - lo)
     result = run_search(SearchSettings(population=10, trials=60, max_mib=max_mib), profile, db)
     study = load(db, result.study_name)
@@ -162,7 +198,7 @@ def test_refuses_other_model_genome_bits_and_population(db):
     other_genome.model_fingerprint = profile.model_fingerprint
     with pytest.raises(SearchError, match="genes"):
         run_search(SearchSettings(study_name="s", trials=8), other_genome, db)
-    with pytest.raises(SearchError, match="bits 2,4,8,16"):
+    with pytest.raises(SearchError, match="uses 2,4,8,16"):
         run_search(SearchSettings(study_name="s", trials=8), small_profile(bits=(2, 4, 16)), db)
     with pytest.raises(SearchError, match="--population 8"):
         run_search(SearchSettings(study_name="s", trials=8, population=9), profile, db)
@@ -216,7 +252,7 @@ def test_events_stop_and_nothing_running(db):
     assert kinds[0] == "start" and kinds[-1] == "stopped" and kinds.count("generation") == 2
     gen = [e for e in events if e.kind == "generation"][-1]
     assert gen.trials_done == 16 and gen.trials_per_s > 0 and gen.front
-    assert all(len(p.bits) == profile.n_genes for p in gen.front)
+    assert all(len(p.qtypes) == profile.n_genes for p in gen.front)
     states = {t.state for t in load(db, result.study_name).trials}
     assert states == {optuna.trial.TrialState.COMPLETE}
 
@@ -248,7 +284,7 @@ def test_chunked_json_attribute_roundtrip(db):
 
 def test_fast_reader_returns_optunas_trials(db):
     profile = small_profile(blocks=10, granularity="linear")
-    lo = profile.memory_bytes([2] * profile.n_genes) / 2**20
+    lo = profile.memory_bytes(["2"] * profile.n_genes) / 2**20
     r = run_search(SearchSettings(population=10, trials=30, max_mib=lo * 1.5), profile, db)
     plain = open_storage(db)
     fast = open_fast_read_storage(db)
@@ -293,7 +329,7 @@ def test_locked_database_is_one_line(db, monkeypatch, tmp_path):
         holder.execute("ROLLBACK")
         holder.close()
     with pytest.raises(StorageError, match="does not exist"):
-        run_search(SearchSettings(trials=8), small_profile(), f"sqlite:///{tmp_path}/missing/dir/x.db")
+        open_database(f"sqlite:///{tmp_path}/missing/dir/x.db")
 
 
 @pytest.fixture
@@ -308,13 +344,16 @@ def one_torch_thread():
 
 
 def test_measured_mode_on_tiny_model(tiny_loaded, db, one_torch_thread):
+    from conftest import rtn_settings
     from profiling.runner import PrefixRunner
     from profiling.sensitivity import prepare, run_profile
 
-    setup = prepare(loaded=tiny_loaded, granularity="block", group_size=32, calib_tokens=64, heldout_tokens=64,
-                    seq_len=32)
-    profile = run_profile(setup, [2, 4, 16])
+    setup = prepare(rtn_settings("2,4,16", calib_tokens=64, heldout_tokens=64), tiny_loaded)
+    profile = run_profile(setup)
     runner = PrefixRunner(setup.loaded.model, setup.inventory, setup.tokens.calibration)
+
+    def measure(qtypes):
+        return runner.kl_with(setup.inventory.genes, qtypes, setup.quantizer)
     with pytest.raises(SearchError, match="needs the model"):
         run_search(SearchSettings(evaluate="measured", trials=4), profile, db)
     calls = {"n": 0}
@@ -323,15 +362,15 @@ def test_measured_mode_on_tiny_model(tiny_loaded, db, one_torch_thread):
         calls["n"] += 1
         return calls["n"] > 4  # checked before the run, then before each trial
 
-    r = run_search(SearchSettings(evaluate="measured", population=4, trials=8), profile, db, runner=runner,
+    r = run_search(SearchSettings(evaluate="measured", population=4, trials=8), profile, db, measure=measure,
                    should_stop=stop_after_three)
     assert r.stopped and r.trials_run == 3 and r.study_name.endswith("-measured")
-    r2 = run_search(SearchSettings(evaluate="measured", trials=5), profile, db, runner=runner)
+    r2 = run_search(SearchSettings(evaluate="measured", trials=5), profile, db, measure=measure)
     assert r2.first_generation == 0 and r2.trials_total == 8 and r2.hypervolume_ratio is None
     study = load(db, r.study_name)
     assert [t.system_attrs[GEN] for t in study.trials] == [0, 0, 0, 0, 1, 1, 1, 1]
     t = study.trials[-1]
-    bits = [int(b) for b in t.user_attrs[BITS_ATTR].split(",")]
+    bits = t.user_attrs[GENOME_ATTR].split(",")
     kl = runner.kl_with(setup.inventory.genes, bits, setup.quantizer)
     assert t.values[0] == pytest.approx(profile.base_loss + kl, rel=1e-6)
     assert t.user_attrs["predicted_loss"] == pytest.approx(profile.predicted_loss(bits))
@@ -350,7 +389,7 @@ def test_postgres_roundtrip():
         pytest.skip("EMPAS_TEST_POSTGRES_URL is not set")
     name = f"pg-{uuid.uuid4().hex[:8]}"
     profile = small_profile(blocks=10, granularity="linear")
-    lo = profile.memory_bytes([2] * profile.n_genes) / 2**20
+    lo = profile.memory_bytes(["2"] * profile.n_genes) / 2**20
     try:
         first = run_search(SearchSettings(study_name=name, population=10, trials=30, max_mib=lo * 1.6), profile, url)
         again = run_search(SearchSettings(study_name=name, trials=20), profile, url)

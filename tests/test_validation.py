@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from profiling.inventory import Gene, Inventory, LinearRef, build_inventory
-from profiling.quantizer import RTNQuantizer
+from profiling.baselines import BASELINES, baseline_genomes, q4_k_m_genome, uniform_genome, use_more_bits
+from profiling.evaluation import measured_calibration_kl, validate, with_prediction
+from profiling.evaluation_report import render_csv, render_markdown, render_terminal
+from profiling.genome import Genome, genome_from_genes, genome_from_mapping
+from profiling.inventory import Gene, Inventory, WeightRef, build_inventory
+from profiling.quantizers.rtn import RTNQuantizer
 from profiling.runner import next_token_loss, quantized_weights
-from profiling.validation import (BASELINES, Genome, baseline_genomes, genome_from_genes, genome_from_mapping,
-                                  measured_calibration_kl, q4_k_m_genome, render_csv, render_markdown,
-                                  render_terminal, uniform_genome, use_more_bits, validate, with_prediction)
 
 LLAMA_LINEARS = [("self_attn.q_proj", 64, 64), ("self_attn.k_proj", 32, 64), ("self_attn.v_proj", 32, 64),
                  ("self_attn.o_proj", 64, 64), ("mlp.gate_proj", 128, 64), ("mlp.up_proj", 128, 64),
@@ -22,13 +23,14 @@ def fake_inventory(n_blocks: int, granularity: str = "linear") -> Inventory:
     """A Llama-shaped inventory without a model (the builders only need the layout)."""
     genes = []
     for i in range(n_blocks):
-        lins = [LinearRef(f"model.layers.{i}.{name}", i, o, n) for name, o, n in LLAMA_LINEARS]
+        lins = [WeightRef(f"model.layers.{i}.{name}", i, o, n) for name, o, n in LLAMA_LINEARS]
         if granularity == "block":
             genes.append(Gene(f"block.{i}", i, tuple(lins)))
         else:
             genes += [Gene(f"layers.{i}.{lin.path.split(f'.{i}.', 1)[1]}", i, (lin,)) for lin in lins]
     params = sum(g.params for g in genes)
-    return Inventory(granularity=granularity, blocks_path="model.layers", genes=genes, total_params=params + 1000)
+    return Inventory(granularity=granularity, blocks_path="model.layers", genes=genes, total_params=params + 1000,
+                     n_blocks=n_blocks)
 
 
 def tokens(n_seq=6, length=32, seed=0):
@@ -42,14 +44,14 @@ def test_q4_k_m_layout_on_32_blocks():
     assert raised == {0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31}
     inv = fake_inventory(32)
     g = q4_k_m_genome(inv)
-    assert len(g.bits) == 32 * 7
-    for lin, b in zip(g.linears, g.bits):
+    assert len(g.qtypes) == 32 * 7
+    for lin, q in zip(g.weights, g.qtypes):
         special = lin.path.endswith(("v_proj", "down_proj"))
-        assert b == (6 if special and lin.block in raised else 4), lin.path
-    assert sum(b == 6 for b in g.bits) == 2 * 16
+        assert q == ("6" if special and lin.block in raised else "4"), lin.path
+    assert sum(q == "6" for q in g.qtypes) == 2 * 16
     # the same mix from a block inventory (it cannot be a block genome, so it is built per linear)
     gb = q4_k_m_genome(fake_inventory(32, "block"))
-    assert gb.bits == g.bits and [l.path for l in gb.linears] == [l.path for l in g.linears]
+    assert gb.qtypes == g.qtypes and [l.path for l in gb.weights] == [l.path for l in g.weights]
     assert "per-linear" in gb.note
     # integer division as in llama.cpp: 30 layers -> blocks 0-2, 5, 8, ..., 23, 26-29
     assert [i for i in range(30) if use_more_bits(i, 30)] == [0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 27, 28, 29]
@@ -60,10 +62,11 @@ def test_uniform_and_dense_genomes():
     q = RTNQuantizer(64)
     for b in (2, 3, 4, 8):
         g = uniform_genome(inv, b)
-        assert g.name == f"uniform-{b}" and set(g.bits) == {b} and g.average_bits == b
-        assert g.memory_bytes(q, inv.fixed_bytes) == inv.fixed_bytes + int(inv.cost_table(q, [b]).sum())
+        assert g.name == f"uniform-{b}" and set(g.qtypes) == {str(b)} and g.average_bits(q) == b
+        assert not g.is_dense(q)
+        assert g.memory_bytes(q, inv.fixed_bytes) == inv.fixed_bytes + int(inv.cost_table(q, [str(b)]).sum())
     dense = uniform_genome(inv, 16)
-    assert dense.name == "dense" and dense.is_dense
+    assert dense.name == "dense" and dense.is_dense(q) and dense.average_bits(q) == 16
     assert dense.memory_bytes(q, inv.fixed_bytes) == 2 * inv.total_params
     names = [g.name for g in baseline_genomes(inv)]
     assert names == list(BASELINES)
@@ -73,15 +76,20 @@ def test_uniform_and_dense_genomes():
 
 def test_genome_expansion_and_mapping():
     inv = fake_inventory(3, "block")
-    g = genome_from_genes(inv, [2, 4, 8], "x")
-    assert g.bits == (2,) * 7 + (4,) * 7 + (8,) * 7
-    assert genome_from_mapping(inv, {"block.0": 2, "block.1": 4, "block.2": 8}, "y").bits == g.bits
+    g = genome_from_genes(inv, ["2", "4", "8"], "x")
+    assert g.qtypes == ("2",) * 7 + ("4",) * 7 + ("8",) * 7
+    assert [w.path for w in g.weights] == [w.path for gene in inv.genes for w in gene.weights]
+    assert genome_from_mapping(inv, {"block.0": "2", "block.1": "4", "block.2": "8"}, "y").qtypes == g.qtypes
     with pytest.raises(ValueError, match="do not match"):
-        genome_from_mapping(inv, {"block.0": 2, "block.1": 4, "block.9": 8}, "bad")
-    with pytest.raises(ValueError, match="3 linear genes|has 2 genes"):
-        genome_from_genes(inv, [2, 4], "short")
-    with pytest.raises(ValueError):
-        Genome("odd", g.linears, (1,) * len(g.linears))
+        genome_from_mapping(inv, {"block.0": "2", "block.1": "4", "block.9": "8"}, "bad")
+    with pytest.raises(ValueError, match="has 2 genes"):
+        genome_from_genes(inv, ["2", "4"], "short")
+    with pytest.raises(ValueError, match="20 qtypes for 21 weights"):
+        Genome("short", g.weights, g.qtypes[:-1])
+    # a qtype the quantiser does not have is refused before anything is measured
+    with pytest.raises(ValueError, match="bit-width 1 is not supported"):
+        Genome("odd", g.weights, ("1",) * len(g.weights)).check(RTNQuantizer(64))
+    assert g.check(RTNQuantizer(64)) is g
 
 
 def test_validation_reproducible_and_correct(tiny_llama):
@@ -104,7 +112,7 @@ def test_validation_reproducible_and_correct(tiny_llama):
     assert dense.kl == 0 and dense.delta_ppl_pct == 0 and dense.ppl == pytest.approx(math.exp(a.dense_loss))
     with torch.no_grad():
         assert a.dense_loss == pytest.approx(next_token_loss(tiny_llama(input_ids=toks).logits, toks), rel=1e-5)
-        with quantized_weights(tiny_llama, inv.genes, [3] * len(inv.genes), q):
+        with quantized_weights(tiny_llama, inv.genes, ["3"] * len(inv.genes), q):
             direct = next_token_loss(tiny_llama(input_ids=toks).logits, toks)
     assert a.row("uniform-3").loss == pytest.approx(direct, rel=1e-5)
     kls = [a.row(f"uniform-{bits}").kl for bits in (8, 4, 3, 2)]
@@ -119,8 +127,8 @@ def test_validation_reproducible_and_correct(tiny_llama):
 def test_validation_fidelity_progress_and_tables(tiny_llama):
     inv = build_inventory(tiny_llama, "block")
     q = RTNQuantizer(32)
-    genomes = [with_prediction(genome_from_genes(inv, bits, f"g{k}", kind="front"), 5.0 + 0.01 * k, 5.0)
-               for k, bits in enumerate([[8, 8, 8], [4, 8, 8], [4, 4, 4], [2, 4, 4], [2, 2, 2]])]
+    genomes = [with_prediction(genome_from_genes(inv, qtypes.split(","), f"g{k}", kind="front"), 5.0 + 0.01 * k, 5.0)
+               for k, qtypes in enumerate(["8,8,8", "4,8,8", "4,4,4", "2,4,4", "2,2,2"])]
     events = []
     r = validate(tiny_llama, inv, tokens(), q, genomes, progress=events.append, tokens_source="random tokens")
     assert [e.kind for e in events] == ["start"] + ["genome"] * 5 + ["done"]
