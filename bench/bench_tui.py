@@ -24,25 +24,30 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from types import SimpleNamespace  # noqa: E402
+
 from profiling.sensitivity import ProfileEvent  # noqa: E402
+from profiling.settings import ProfileSettings, QuantizerSettings  # noqa: E402
 from search.exact_front import front_for_space  # noqa: E402
+from search.results import FrontPoint, SearchEvent  # noqa: E402
 from search.space import SearchSpace  # noqa: E402
-from search.study import FrontPoint, SearchEvent  # noqa: E402
 from search.synthetic import synthetic_profile  # noqa: E402
 from storage.atomic import atomic_write_text  # noqa: E402
 
-from empas_tui.app import EmpasApp  # noqa: E402
-from empas_tui.screens.profile import ProfileScreen  # noqa: E402
-from empas_tui.screens.search import SearchScreen  # noqa: E402
-from empas_tui.screens.state import RunConfig  # noqa: E402
+from empas_tui.tui.app import EmpasApp  # noqa: E402
+from empas_tui.tui.config import RunConfig  # noqa: E402
+from empas_tui.tui.messages import ProfilePlanned, ProfileProgress, SearchProgress  # noqa: E402
+from empas_tui.tui.screens.profile import ProfileScreen  # noqa: E402
+from empas_tui.tui.screens.search import SearchScreen  # noqa: E402
+
+BITS = ("2", "3", "4", "8", "16")
 
 
 def front_points(profile, count: int) -> list[FrontPoint]:
     space = SearchSpace.from_profile(profile)
     front = front_for_space(space)
     pick = np.unique(np.linspace(0, len(front) - 1, min(count, len(front))).round().astype(int))
-    bits = np.asarray(space.bits)
-    return [FrontPoint(trial_number=int(k), bits=bits[front.genomes[i]].tolist(), predicted_loss=float(front.loss[i]),
+    return [FrontPoint(trial_number=int(k), qtypes=space.qtypes_of(front.genomes[i]), predicted_loss=float(front.loss[i]),
                        memory_bytes=int(front.memory[i]), average_bits=float(space.average_bits(front.genomes[i])))
             for k, i in enumerate(pick)]
 
@@ -65,12 +70,16 @@ async def bench_size(size, profile, points, repeats: int, db: str) -> dict:
     app = EmpasApp(storage=db, loader=lambda spec: None)
     async with app.run_test(size=size) as pilot:
         # profile screen: 210 genes x 4 widths, every value known
-        screen = ProfileScreen(RunConfig(bits=list(profile.bits), granularity="linear"), autostart=False)
+        cfg = RunConfig(profile=ProfileSettings(granularity="linear",
+                                                quantizer=QuantizerSettings.parse("rtn", ",".join(BITS))))
+        screen = ProfileScreen(cfg, autostart=False)
         await app.push_screen(screen)
-        known = {(i, b): float(profile.sensitivity[i, j]) for i in range(profile.n_genes)
-                 for j, b in enumerate(profile.bits)}
-        screen.on_profile_screen_prepared(ProfileScreen.Prepared(profile.gene_names, profile.gene_params,
-                                                                 list(profile.bits), known, len(known)))
+        known = {(i, q): float(profile.sensitivity[i, j]) for i in range(profile.n_genes)
+                 for j, q in enumerate(profile.qtypes)}
+        plan = SimpleNamespace(gene_names=profile.gene_names, gene_params=profile.gene_params,
+                               qtypes=list(profile.qtypes), unquantized=profile.unquantized, valid=profile.valid,
+                               known=known, total=len(known), note="")
+        screen.on_profile_planned(ProfilePlanned(plan))
         screen.sort_index = 3
 
         def resort():  # worst case: the row order changes, the table is rebuilt
@@ -83,8 +92,8 @@ async def bench_size(size, profile, points, repeats: int, db: str) -> dict:
 
         def one_gene():  # the usual case while profiling: one more layer measured
             i = int(rng.integers(profile.n_genes))
-            for b in profile.bits:
-                screen.values[(i, b)] = screen.values[(i, b)] * 1.0001
+            for q in profile.qtypes:
+                screen.values[(i, q)] = screen.values[(i, q)] * 1.0001
             screen._changed.add(i)
             screen.sort_index = 0
             screen._rows_dirty = screen._dirty = True
@@ -95,9 +104,8 @@ async def bench_size(size, profile, points, repeats: int, db: str) -> dict:
         n = 5000
         t0 = time.perf_counter()
         for k in range(n):
-            screen.post_message(ProfileScreen.Progress(ProfileEvent("entry", k, n, k % profile.n_genes,
-                                                                    profile.gene_names[k % profile.n_genes], 2, 0.1,
-                                                                    1.0)))
+            screen.post_message(ProfileProgress(ProfileEvent("entry", k, n, k % profile.n_genes,
+                                                             profile.gene_names[k % profile.n_genes], "2", 0.1, 1.0)))
         await pilot.pause()
         while screen.done != n - 1:
             await pilot.pause(0.01)
@@ -106,14 +114,15 @@ async def bench_size(size, profile, points, repeats: int, db: str) -> dict:
         await pilot.pause()
 
         # search screen: a front of len(points), 1,000 earlier-front points, the exact front
-        search = SearchScreen("bench", profile=profile)
+        search = SearchScreen("bench")
+        search.profile = profile  # drawn as given: nothing is loaded or searched
         await app.push_screen(search)
         await pilot.pause()
         rng = np.random.default_rng(0)
         for p in rng.choice(points, size=min(1000, len(points)), replace=False):
             search.history[(p.memory_bytes + int(rng.integers(1, 1 << 20)), p.predicted_loss * 1.01)] = None
         event = SearchEvent("generation", "bench", 10, 500, 5000, 5000, 5.0, 100.0, points, 0.99)
-        search.on_search_screen_progress(SearchScreen.Progress(event))
+        search.on_search_progress(SearchProgress(event))
         while not len(search.exact_xy):
             await pilot.pause(0.05)
         search.selected_trial = points[len(points) // 2].trial_number
@@ -140,7 +149,7 @@ async def bench_size(size, profile, points, repeats: int, db: str) -> dict:
 
 
 async def main_async(args) -> list[dict]:
-    profile = synthetic_profile(granularity="linear", bits=(2, 3, 4, 8, 16))
+    profile = synthetic_profile(granularity="linear", bits=tuple(int(b) for b in BITS))
     points = front_points(profile, args.front_points)
     rows = []
     for size in ((80, 24), (200, 50)):
@@ -165,7 +174,7 @@ def main() -> None:
         print("  ".join(f"{v:>{max(8, len(h))}}" for v, h in zip(vals, head)))
     print(f"(front {rows[0]['front_points']} points, {rows[0]['history_points']} earlier-front points, exact front "
           f"{rows[0]['exact_front_points']} points; 210 genes x 5 widths)")
-    out = {"benchmark": "tui redraw", "genes": 210, "bits": [2, 3, 4, 8, 16], "redraw_interval_ms": 250,
+    out = {"benchmark": "tui redraw", "genes": 210, "qtypes": list(BITS), "redraw_interval_ms": 250,
            "rows": rows, "python": platform.python_version(), "machine": platform.machine(),
            "note": "median CPU ms of --repeats redraws (redraw + one app pause), headless, synthetic "
                    "SmolLM2-shaped data"}
