@@ -2,7 +2,8 @@
 # Start a throw-away local PostgreSQL server for the storage tests and print the shell line that
 # exports its URL:   eval "$(bash scripts/start_postgres.sh)"
 # Installs Debian's postgresql package if the server binaries are missing. Listens on 127.0.0.1 only.
-# Everything it prints to stdout is meant for eval; progress goes to stderr.
+# Everything it prints to stdout is meant for eval; progress goes to stderr. When this call started the
+# server, it also exports EMPAS_PG_STOP, the command that stops it again (scripts/test.sh runs it on exit).
 set -euo pipefail
 PORT=${EMPAS_PG_PORT:-55432}
 DATA=${EMPAS_PG_DATA:-/tmp/empas-pg-$PORT}
@@ -31,5 +32,6 @@ if ! "${RUN_AS[@]}" "$PG_CTL" -D "$DATA" status >/dev/null 2>&1; then
   "${RUN_AS[@]}" "$INITDB" -D "$DATA" -U empas --auth=trust >/dev/null
   "${RUN_AS[@]}" "$PG_CTL" -D "$DATA" -l "$DATA/server.log" -w \
       -o "-c listen_addresses=127.0.0.1 -p $PORT -k /tmp -c max_connections=200 -c fsync=off" start >&2
+  echo "export EMPAS_PG_STOP=$(printf %q "${RUN_AS[*]} $PG_CTL -D $DATA -m fast stop")"
 fi
 echo "export EMPAS_TEST_POSTGRES_URL=postgresql+psycopg://empas@127.0.0.1:$PORT/postgres"

@@ -6,6 +6,9 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # shellcheck disable=SC1091
 source .venv/bin/activate
+# Stop what this script started (the PostgreSQL server), however pytest ends.
+stop_started() { if [ -n "${EMPAS_PG_STOP:-}" ]; then eval "$EMPAS_PG_STOP" >/dev/null 2>&1 || true; fi; }
+trap stop_started EXIT
 if pg_env=$(bash scripts/start_postgres.sh); then
   eval "$pg_env"
 else

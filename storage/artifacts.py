@@ -93,7 +93,13 @@ def save_artifact(artifact: Artifact, path: str | Path) -> Path:
 
 def _require(cond: bool, path: Path, what: str) -> None:
     if not cond:
-        raise ArtifactError(f"{path}: {what}; re-export it with `empas export`")
+        raise ArtifactError(f"{_printable(str(path))}: {_printable(what)}; re-export it with `empas export`")
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters escaped: a field name from the file (``"\\n"``) must not break the
+    one-line error in two."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def load_artifact(path: str | Path) -> Artifact:
