@@ -129,3 +129,14 @@ async def test_ggml_archetypes_presets_export_gguf_and_measure_in_llamacpp(tmp_p
         assert_wrapped(status, size)
         assert_fits(arch, ("#measure-status",), size)
         assert_fits(arch, (Footer,), size)
+        front, settings = arch.front, arch.settings
+
+    # what `m` runs for the presets of a ggml study (the key's wiring is tested on an RTN study in
+    # test_tui_search.py): dense and every preset, quantised from F16-rounded weights, on held-out tokens
+    from empas_tui.jobs.baselines import measure_baselines
+
+    result = measure_baselines(settings.with_(heldout_tokens=256), front, gguf_loaded)
+    assert [r.name for r in result.rows] == ["dense", *PRESETS] and result.heldout_tokens == 256
+    assert result.rows[0].kl == 0 and all(r.kl > 0 and math.isfinite(r.ppl) for r in result.rows[1:])
+    by_name = {r.name: r for r in result.rows}
+    assert by_name["Q2_K"].kl > by_name["Q4_K_M"].kl > by_name["Q8_0"].kl  # fewer bits, more damage
