@@ -206,9 +206,10 @@ orange crosses = llama.cpp's presets of a ggml study at their exact file size an
             if setup is not None:
                 loaded = setup.loaded
                 layout = setup.memory.layout if setup.memory.basis == "gguf file" else None
-            else:
-                model = self.cfg.profile.model if self.cfg is not None else profile.model_id
-                loaded, layout = self.app.load_model(model, profile.model_fingerprint), None
+            else:  # a study opened from the list: only if its model is in memory (loading it could take minutes)
+                loaded, layout = self.app.cached_model(profile.model_fingerprint), None
+                if loaded is None:
+                    return
             presets = profile_presets(profile, loaded, layout)
         except Exception:  # a model with no GGUF layout: no presets on the plot (the log says why)
             log.exception("llama.cpp presets failed")
