@@ -96,6 +96,17 @@ class StudyModel:
     def importance(self):
         return self.setup.importance if self.setup is not None else None
 
+    @property
+    def gguf_layout(self):
+        """The model's GGUF layout (the profile setup's when it is built, else made from the loaded
+        model without the calibration pass a setup needs)."""
+        if self._setup is not None and self._setup.memory.basis == "gguf file":
+            return self._setup.memory.layout
+        from profiling.deploy.gguf_writer import gguf_layout_for
+
+        loaded = self.loaded
+        return gguf_layout_for(loaded.model, loaded.tokenizer, loaded.gguf_path)
+
 
 def validation_setup(settings: ExportSettings, study: StudyModel):
     """The model and held-out tokens to validate a study's genomes (disjoint from its calibration)."""

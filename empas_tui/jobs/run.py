@@ -7,6 +7,8 @@
 - :func:`evaluate_gguf_files`: held-out PPL and mean KL to the model's F16 GGUF from llama.cpp's
   logits, beside EMPAS's own PyTorch measurement of the same file's weights (dequantised into the
   Hugging Face model), and llama.cpp's presets as baselines, made from the same F16 file;
+- :func:`measure_in_llamacpp`: that evaluation of exported files with the presets, plus each file's
+  generation speed (what the TUI's archetypes screen runs in a worker);
 - :func:`preset_genomes`: the presets as per-weight genomes, for the PyTorch evaluation of ggml
   artifacts.
 
@@ -587,6 +589,64 @@ def evaluate_gguf_files(settings: GgufEvaluateSettings, progress: Callable[[int,
                                 heldout_tokens=int(tokens.numel()), seq_len=int(tokens.shape[1]),
                                 tokens_source=source, reference=str(f16), engines_f16_kl=engines_f16_kl,
                                 n_threads=threads, hardware=hardware_description(), notes=model_notes(loaded.model_id))
+
+
+#: the prompt the speed of every file is measured with (the same for all, so their tokens/s compare)
+SPEED_PROMPT = "The history of the city begins with a small settlement by the river, where"
+
+
+@dataclass
+class LlamaCppRun:
+    """Exported files and the presets measured in llama.cpp: the evaluation (held-out PPL, KL to the F16
+    file, in both engines) and each file's greedy generation speed on this machine."""
+
+    evaluation: GgufEvaluationResult
+    generation_tokens_per_s: dict[str, float]  # file path -> measured tokens/s
+    gen_tokens: int
+    n_threads: int
+
+
+def measure_in_llamacpp(files: Sequence[str | Path], loaded, presets: Sequence[str] = (), heldout_tokens: int = 512,
+                        seq_len: int = 128, text_file=None, threads: int | None = None, gen_tokens: int = 32,
+                        progress: Callable[[int, int, str], None] | None = None,
+                        should_stop: Callable[[], bool] | None = None) -> LlamaCppRun:
+    """:func:`evaluate_gguf_files` of ``files`` with F16 and the presets as baselines, then the
+    generation speed of every file measured (``gen_tokens`` greedy tokens after a warm-up, one thread
+    count for all). ``should_stop`` is checked between files (:class:`RunCancelled`)."""
+    from profiling.deploy.llamacpp import generate, timed_load
+    from profiling.deploy.presets import PRESETS
+
+    _positive("gen_tokens", gen_tokens)
+    n_threads = _threads(threads)
+    presets = tuple(presets or PRESETS)
+    n_speed = len(files) + 1 + len(presets)
+    offset = {"total": None}
+
+    def eval_progress(done: int, total: int, name: str) -> None:
+        offset["total"] = total
+        if progress:
+            progress(done, total + n_speed, name)
+
+    settings = GgufEvaluateSettings(files=tuple(str(f) for f in files), baselines=True, heldout_tokens=heldout_tokens,
+                                    seq_len=seq_len, text_file=text_file, threads=n_threads, presets=presets)
+    evaluation = evaluate_gguf_files(settings, progress=eval_progress, should_stop=should_stop, loaded=loaded)
+    first = offset["total"] or 0
+    speeds: dict[str, float] = {}
+    for i, row in enumerate(evaluation.rows):
+        if should_stop and should_stop():
+            raise RunCancelled("measurement cancelled")
+        if progress:
+            progress(first + i, first + n_speed, f"{row.name}: tokens/s")
+        llm, _ = timed_load(row.path, n_threads=n_threads, n_ctx=256 + gen_tokens)
+        try:
+            generate(llm, SPEED_PROMPT, 2, stop_at_eos=False)  # warm-up: first-call allocations
+            speeds[row.path] = generate(llm, SPEED_PROMPT, gen_tokens, stop_at_eos=False).generation_tokens_per_s
+        finally:
+            llm.close()
+    if progress:
+        progress(first + n_speed, first + n_speed, "")
+    return LlamaCppRun(evaluation=evaluation, generation_tokens_per_s=speeds, gen_tokens=gen_tokens,
+                       n_threads=n_threads)
 
 
 # -- presets as genomes (the PyTorch evaluation of ggml artifacts) --------------------------------------------

@@ -99,6 +99,12 @@ class EmpasApp(App):
                              f"{fingerprint[:12]}): start the TUI with --model and that model")
         return loaded
 
+    def cached_model(self, fingerprint: str):
+        """The model already loaded with these weights, or None (never loads: for extras a screen can
+        do without, such as the presets on the plot of a study opened from the list)."""
+        with self._model_lock:
+            return next((m for m in self._models.values() if m.fingerprint == fingerprint), None)
+
     # -- navigation: the one place that knows the screens ------------------------------------------------
 
     def open_studies(self) -> None:

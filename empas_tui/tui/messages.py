@@ -120,9 +120,11 @@ class ArchetypesChosen(Message):
     """A ``jobs.export.ExportResult`` computed without writing (choices, skipped, front) for the
     ``settings`` (an ``ExportSettings``) it was chosen under; ``budget``: a budget the user asked for."""
 
-    def __init__(self, settings, result=None, error: str = "", budget: bool = False) -> None:
+    def __init__(self, settings, result=None, error: str = "", budget: bool = False, presets=None,
+                 presets_error: str = "") -> None:
         super().__init__()
         self.settings, self.result, self.error, self.budget = settings, result, error, budget
+        self.presets, self.presets_error = presets, presets_error  # ggml: jobs.baselines.PresetBaseline list
 
 
 class ValidationProgress(Message):
@@ -148,6 +150,30 @@ class ExportWritten(Message):
     def __init__(self, result=None, error: str = "") -> None:
         super().__init__()
         self.result, self.error = result, error
+
+
+class LlamaCppProgress(Message):
+    """Progress of ``jobs.run.measure_in_llamacpp``: ``done`` of ``total`` steps, the one under way."""
+
+    def __init__(self, done: int, total: int, name: str) -> None:
+        super().__init__()
+        self.done, self.total, self.name = done, total, name
+
+
+class LlamaCppDone(Message):
+    """The ``jobs.run.LlamaCppRun`` of the exported files and the presets, or why there is none."""
+
+    def __init__(self, run=None, error: str = "", cancelled: bool = False) -> None:
+        super().__init__()
+        self.run, self.error, self.cancelled = run, error, cancelled
+
+
+class PresetsReady(Message):
+    """llama.cpp's presets as points of a ggml study (``jobs.baselines.PresetBaseline`` list)."""
+
+    def __init__(self, presets) -> None:
+        super().__init__()
+        self.presets = presets
 
 
 # -- dashboard and widgets --------------------------------------------------------------------------

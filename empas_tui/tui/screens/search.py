@@ -26,7 +26,7 @@ from textual.worker import get_current_worker
 
 from ..config import RunConfig, settings_from_profile
 from ..format import MIB, fit_parts, fmt_seconds, layer_rows, one_line, point_summary, rise_text
-from ..messages import ExactFrontReady, FrontLoaded, PointClicked, SearchEnded, SearchProgress
+from ..messages import ExactFrontReady, FrontLoaded, PointClicked, PresetsReady, SearchEnded, SearchProgress
 from ..redraw import REDRAW_SECONDS, ThrottledRedraw
 from ..widgets.bitstrip import BitStrip, QtypePalette
 from ..widgets.pareto import ParetoPlot
@@ -47,7 +47,9 @@ sensitivities: a prediction, measured later on the archetypes screen).
 
 The plot: bright dots = the study's current Pareto front (distinct points: the count every screen and
 `empas studies` show), grey dots = points of earlier fronts, green line = the *exact* front of the
-proxy (the best any search can reach on the predicted loss), magenta diamond = the selected point.
+proxy (the best any search can reach on the predicted loss), magenta diamond = the selected point,
+orange crosses = llama.cpp's presets of a ggml study at their exact file size and *predicted* loss
+(only the presets the profile's genes can express; the archetypes screen lists all of them).
 *HV ratio* = hypervolume of the front / that of the exact front.
 
 | key | action |
@@ -85,6 +87,7 @@ proxy (the best any search can reach on the predicted loss), magenta diamond = t
         self.history: dict[tuple[int, float], None] = {}
         self.exact_xy = np.zeros((0, 2))
         self.exact_count = 0
+        self.presets: list = []  # ggml: jobs.baselines.PresetBaseline (drawn when predicted)
         self.selected_trial: int | None = None
         self.event = None
         self.trials_total = 0
@@ -130,6 +133,7 @@ proxy (the best any search can reach on the predicted loss), magenta diamond = t
         front.focus()
         if self.profile is not None:
             self._exact(self.profile, {"max_mib": self.max_mib})
+            self._start_presets()
         if self.autostart:
             self.start_run()
         elif self.profile is None:  # opened from the list: the stored front first
@@ -164,6 +168,8 @@ proxy (the best any search can reach on the predicted loss), magenta diamond = t
             return
         self.post_message(FrontLoaded(front))
         self._exact_points(front.profile, front.settings)
+        if front.profile.quantizer.get("name") == "ggml":
+            self._preset_points(front.profile)
 
     @work(thread=True, group="search-exact", exit_on_error=False)
     def _exact(self, profile, settings: dict) -> None:
@@ -182,6 +188,37 @@ proxy (the best any search can reach on the predicted loss), magenta diamond = t
             return
         xy = np.array([[p.memory_bytes / MIB, p.predicted_loss] for p in pts]) if pts else np.zeros((0, 2))
         self.post_message(ExactFrontReady(xy, len(pts)))
+
+    def _start_presets(self) -> None:
+        if self.profile is not None and self.profile.quantizer.get("name") == "ggml":
+            self._presets(self.profile)
+
+    @work(thread=True, group="search-presets", exit_on_error=False)
+    def _presets(self, profile) -> None:
+        self._preset_points(profile)
+
+    def _preset_points(self, profile) -> None:
+        """llama.cpp's presets on this model (the model is loaded once per session, in the app)."""
+        from ...jobs.baselines import profile_presets
+
+        try:
+            setup = self.profile_job.setup if self.profile_job is not None else None
+            if setup is not None:
+                loaded = setup.loaded
+                layout = setup.memory.layout if setup.memory.basis == "gguf file" else None
+            else:  # a study opened from the list: only if its model is in memory (loading it could take minutes)
+                loaded, layout = self.app.cached_model(profile.model_fingerprint), None
+                if loaded is None:
+                    return
+            presets = profile_presets(profile, loaded, layout)
+        except Exception:  # a model with no GGUF layout: no presets on the plot (the log says why)
+            log.exception("llama.cpp presets failed")
+            return
+        self.post_message(PresetsReady(presets))
+
+    def on_presets_ready(self, message: PresetsReady) -> None:
+        self.presets = list(message.presets)
+        self._dirty = True
 
     def start_run(self) -> None:
         from search.settings import SearchSettings
@@ -356,8 +393,10 @@ proxy (the best any search can reach on the predicted loss), magenta diamond = t
                 y_max = None  # nothing that good yet: show everything rather than an empty plot
             else:
                 self.clipped = True
+        presets = [] if measured else [[p.file_bytes / MIB, p.predicted_loss] for p in self.presets
+                                       if p.predicted_loss is not None]
         self.query_one(ParetoPlot).draw(front, hist, self.exact_xy if not measured else np.zeros((0, 2)), sel,
-                                        label, y_max)
+                                        label, y_max, baselines=np.array(presets) if presets else None)
         stats = self.query_one("#search-stats", Label)
         stats.update(self.stats_text(max(self.size.width - 2, 20)))
         self._show_point()

@@ -1,7 +1,8 @@
 """The Pareto scatter: memory (MiB) against predicted loss, drawn with textual-plot.
 
 Layers, back to front: points that were on an earlier front (dim), the exact front of the proxy
-(a line: the best any search can do on the proxy), the current front (bright), the selected point.
+(a line: the best any search can do on the proxy), baselines (llama.cpp's presets of a ggml study, at
+their predicted loss), the current front (bright), the selected point.
 A click selects the nearest front point.
 """
 
@@ -22,9 +23,11 @@ class ParetoPlot(PlotWidget):
         self.shown_xy = np.zeros((0, 2))  # the ones drawn (within y_max)
 
     def draw(self, front: np.ndarray, history: np.ndarray, exact: np.ndarray, selected: int | None,
-             y_label: str, y_max: float | None = None) -> None:
+             y_label: str, y_max: float | None = None, baselines: np.ndarray | None = None) -> None:
         """Each array is (n, 2) of (MiB, y); ``selected`` indexes ``front``. Points above ``y_max`` are
-        left out (and the axes fit what remains), so a few ruined genomes do not flatten the curve."""
+        left out (and the axes fit what remains), so a few ruined genomes do not flatten the curve.
+        ``baselines`` are drawn where they fall inside the searched memory range."""
+        baselines = np.zeros((0, 2)) if baselines is None else np.asarray(baselines, dtype=float).reshape(-1, 2)
         self.front_xy = front
         self.clear()
         if y_max is not None:
@@ -36,6 +39,7 @@ class ParetoPlot(PlotWidget):
             front = front[keep]
             history = history[history[:, 1] <= y_max] if len(history) else history
             exact = exact[exact[:, 1] <= y_max] if len(exact) else exact
+            baselines = baselines[baselines[:, 1] <= y_max] if len(baselines) else baselines
         self.shown_xy = front
         searched = [a for a in (front, history) if len(a)]
         if searched:
@@ -52,6 +56,10 @@ class ParetoPlot(PlotWidget):
                     exact = exact[np.unique(np.linspace(0, len(exact) - 1, room).round().astype(int))]
                 if len(exact):
                     ys = np.concatenate([ys, exact[:, 1]])
+            if len(baselines):
+                baselines = baselines[(baselines[:, 0] >= x0) & (baselines[:, 0] <= x1)]
+                if len(baselines):
+                    ys = np.concatenate([ys, baselines[:, 1]])
             lo, hi = float(ys.min()), float(ys.max())
             pad_y = (hi - lo) * 0.05 or 0.01
             y0, y1 = lo - pad_y, hi + pad_y
@@ -67,6 +75,8 @@ class ParetoPlot(PlotWidget):
             self.scatter(history[:, 0], history[:, 1], marker="·", marker_style="grey50")
         if len(exact):
             self.plot(exact[:, 0], exact[:, 1], line_style="green", hires_mode=HiResMode.BRAILLE)
+        if len(baselines) and searched:
+            self.scatter(baselines[:, 0], baselines[:, 1], marker="✕", marker_style="bold dark_orange")
         if len(front):
             self.scatter(front[:, 0], front[:, 1], marker="●", marker_style="bold dodger_blue1")
         if selected is not None and 0 <= selected < len(front):
