@@ -21,8 +21,8 @@ ATTR = "empas:"
 def study_name(model_id: str, granularity: str, quantizer: str, qtypes, include_embeddings: bool, metric: str,
                evaluate: str = "proxy") -> str:
     """``<model>-<granularity>-<qtypes>`` (RTN: ``default-block-2.4.8.16``; ggml's default types:
-    ``default-linear-ggml``), plus ``-emb``, the metric and ``-measured`` when they differ from the
-    defaults."""
+    ``default-linear-ggml``), plus ``-emb`` / ``-noemb``, the metric and ``-measured`` when they differ
+    from the defaults (embeddings are genes by default with ggml, not with rtn)."""
     from profiling.quantizers.ggml_types import DEFAULT_TYPES
     from profiling.settings import parse_ggml_types
 
@@ -34,8 +34,8 @@ def study_name(model_id: str, granularity: str, quantizer: str, qtypes, include_
             name += "-" + ".".join(qtypes)
     else:
         name += "-" + ".".join(qtypes)
-    if include_embeddings:
-        name += "-emb"
+    if include_embeddings != (quantizer == "ggml"):
+        name += "-emb" if include_embeddings else "-noemb"
     if metric != "kl":
         name += f"-{metric}"
     if evaluate == "measured":

@@ -272,6 +272,16 @@ def test_list_delete_and_defaults(db):
     assert optuna.get_all_study_names(db) == []
 
 
+def test_default_names_mark_what_differs_from_the_quantisers_defaults():
+    from search.study_record import study_name
+
+    ggml = ("f16", "q8_0", "q6_k", "q5_1", "q5_0", "q5_k", "q4_1", "iq4_nl", "q4_0", "q4_k", "q3_k", "q2_k")
+    assert study_name("default", "linear", "ggml", ggml, True, "kl") == "default-linear-ggml"
+    assert study_name("default", "linear", "ggml", ggml, False, "kl") == "default-linear-ggml-noemb"
+    assert study_name("default", "linear", "ggml", ("f16", "q8_0"), True, "fisher") == "default-linear-ggml-f16.q8_0-fisher"
+    assert study_name("/m/tiny", "block", "rtn", ("4", "16"), True, "kl", "measured") == "tiny-block-4.16-emb-measured"
+
+
 def test_chunked_json_attribute_roundtrip(db):
     storage = open_storage(db)
     sid = storage.create_new_study([optuna.study.StudyDirection.MINIMIZE], "chunks")
