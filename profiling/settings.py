@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 QUANTIZER_NAMES = ("ggml", "rtn")
-DEFAULT_QUANTIZER = "rtn"  # becomes "ggml" once the GGUF path lands
+DEFAULT_QUANTIZER = "ggml"  # llama.cpp's types, shipped as GGUF; "rtn" keeps the packed PyTorch path
 GRANULARITIES = ("block", "linear")
 METRICS = ("kl", "fisher")
 
@@ -23,7 +23,7 @@ DEFAULT_RTN_BITS = ("2", "4", "8", "16")
 DEFAULT_GROUP_SIZE = 64
 
 DEFAULT_MODEL = "default"
-DEFAULT_GRANULARITY = "block"
+DEFAULT_GRANULARITY = "linear"  # per-tensor choices: what GGUF files and llama-quantize mix
 DEFAULT_METRIC = "kl"
 DEFAULT_CALIB_TOKENS = 512
 DEFAULT_HELDOUT_TOKENS = 512

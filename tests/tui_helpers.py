@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 # A small RTN run on the tiny random Llama: 3 block genes x (2, 4, 16), two generations of 8.
-SMALL = {"quantizer": "rtn", "qtypes": "2,4,16", "group_size": "32", "calib_tokens": "64", "heldout_tokens": "64",
+SMALL = {"quantizer": "rtn", "granularity": "block", "qtypes": "2,4,16", "group_size": "32", "calib_tokens": "64", "heldout_tokens": "64",
          "seq_len": "32", "population": "8", "trials": "16"}
 
 

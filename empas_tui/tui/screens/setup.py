@@ -12,7 +12,7 @@ import logging
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, VerticalScroll
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Button, Footer, Header, Input, Label, Select
 
@@ -72,6 +72,8 @@ calibration + quantiser is profiled only once.
                         yield Input(value=values[f.name], placeholder=f.placeholder or f.help, compact=True, id=f.name,
                                     tooltip=f.help)
                 yield Label("", id=f"{f.name}-error", classes="field-error")
+        # outside the scrolled form: the summary and the buttons stay on screen however long the form is
+        with Vertical(id="setup-actions"):
             yield Label("", id="setup-summary", classes="dim")
             with Horizontal(classes="buttons"):
                 yield Button("Start profiling (ctrl+s)", variant="primary", id="start")
