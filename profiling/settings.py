@@ -184,6 +184,8 @@ class ProfileSettings:
     text_file: str | None = None
     device: str = "auto"
     dtype: str = "auto"
+    max_memory_mib: int | None = None  # cap on resident weights: a larger model is streamed block by block
+    stream: bool | None = None  # None: stream only when the weights exceed max_memory_mib; True: always
 
     def validate(self) -> "ProfileSettings":
         """Raise a one-line error for anything that cannot work; return self for chaining."""
@@ -205,6 +207,9 @@ class ProfileSettings:
             raise SettingsError(f"device {self.device!r} is not one of {', '.join(DEVICES)} (cuda:N for a GPU)")
         if self.dtype not in DTYPES:
             raise SettingsError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        m = self.max_memory_mib
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m <= 0):
+            raise SettingsError("--max-memory-mib must be a positive whole number of MiB")
         return self
 
     @property
