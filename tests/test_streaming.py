@@ -70,12 +70,26 @@ def _profile(settings):
     return setup, run_profile(setup)
 
 
-def test_streamed_profile_equals_the_in_memory_one(tiny_model_dir, one_torch_thread):
+def _linear_settings(model_dir):
+    return rtn_settings(model=str(model_dir), granularity="linear", bits="2,4,8,16", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def fp32_profile(tiny_model_dir):
+    """The in-memory float32 profile of the tiny model, per linear (shared by the comparisons)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _profile(_linear_settings(tiny_model_dir))
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_streamed_profile_equals_the_in_memory_one(tiny_model_dir, fp32_profile, one_torch_thread):
     """Per linear, four types: the same S (and base loss) when every block is read from disk as it runs;
     one block resident at a time; each block batch reads blocks k..end once, not once per cell."""
-    settings = rtn_settings(model=str(tiny_model_dir), granularity="linear", bits="2,4,8,16", device="cpu")
-    memory_setup, memory = _profile(settings)
-    streamed_setup, streamed = _profile(settings.with_(stream=True))
+    memory_setup, memory = fp32_profile
+    streamed_setup, streamed = _profile(_linear_settings(tiny_model_dir).with_(stream=True))
     assert not memory_setup.loaded.streamed and streamed_setup.loaded.streamed
     assert all(p.device.type == "meta" for p in streamed_setup.loaded.model.model.layers.parameters())
     np.testing.assert_allclose(streamed.sensitivity, memory.sensitivity, rtol=1e-5, atol=1e-9)
@@ -96,7 +110,7 @@ def test_streamed_evaluation_and_measured_kl_equal_the_in_memory_ones(tiny_model
     from profiling.genome import genome_from_mapping
     from profiling.sensitivity import prepare
 
-    settings = rtn_settings(model=str(tiny_model_dir), granularity="linear", bits="2,4,8,16", device="cpu")
+    settings = _linear_settings(tiny_model_dir)
     results = []
     for s in (settings, settings.with_(stream=True)):
         setup = prepare(s)
@@ -114,14 +128,13 @@ def test_streamed_evaluation_and_measured_kl_equal_the_in_memory_ones(tiny_model
     assert cal_s == pytest.approx(cal_m, rel=1e-5)
 
 
-def test_bf16_on_the_cpu_ranks_genes_like_float32(tiny_model_dir, one_torch_thread):
+def test_bf16_on_the_cpu_ranks_genes_like_float32(tiny_model_dir, fp32_profile, one_torch_thread):
     """The model computes in bf16, the quantiser and the KL in float32: 8-bit cells stay above zero
     (the KL fix holds) and S ranks genes as in float32."""
     from profiling.sensitivity import correlations
 
-    settings = rtn_settings(model=str(tiny_model_dir), granularity="linear", bits="2,4,8,16", device="cpu")
-    fp32_setup, fp32 = _profile(settings)
-    bf16_setup, bf16 = _profile(settings.with_(dtype="bfloat16"))
+    _, fp32 = fp32_profile
+    bf16_setup, bf16 = _profile(_linear_settings(tiny_model_dir).with_(dtype="bfloat16"))
     assert next(bf16_setup.loaded.model.parameters()).dtype == torch.bfloat16
     assert bf16.extra["compute_dtype"] == "bfloat16" and bf16.key != fp32.key  # stored apart
     assert (bf16.sensitivity[:, 2] > 0).all()  # 8 bits
@@ -164,3 +177,12 @@ def test_bad_device_dtype_or_memory_is_one_line_and_writes_nothing(flags, needle
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("empas: error:") and needle in lines[0], err
     assert out == "" and not db.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_evaluate_refuses_an_impossible_device_before_loading(capsys, tmp_path, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(capsys, "evaluate", "--baselines", "--device", "cuda")
+    assert code == 2 and err.count("\n") == 1 and "pass --device cpu" in err, err
+    assert list(tmp_path.iterdir()) == []
