@@ -70,14 +70,15 @@ def resolve_device(device: str = "auto", dtype: str = "auto", hardware: Hardware
         try:
             index = int(index_text) if index_text else 0
         except ValueError:
-            raise SettingsError(f"device {device!r} is not cuda:N with N a GPU number: pass e.g. --device cuda:0") from None
+            raise SettingsError(f"device {device!r} is not cuda:N with N a GPU number: "
+                                f"pass e.g. --device cuda:0") from None
         if not 0 <= index < hw.cuda_devices:
             raise SettingsError(f"device {device} does not exist ({hw.cuda_devices} GPU(s)): pass --device "
                                 f"cuda:0{'' if hw.cuda_devices == 1 else f'..{hw.cuda_devices - 1}'}")
         target = torch.device("cuda", index)
         default = "bfloat16" if hw.cuda_bf16 else "float16"
         if dtype == "bfloat16" and not hw.cuda_bf16:
-            raise SettingsError(f"this GPU cannot compute in bfloat16: pass --dtype float16 or float32")
+            raise SettingsError("this GPU cannot compute in bfloat16: pass --dtype float16 or float32")
     elif kind == "mps":
         if not hw.mps:
             raise SettingsError("device mps needs Apple's Metal backend and torch sees none: pass --device cpu")

@@ -178,7 +178,8 @@ class StreamPlan:
         return -(-(self.largest_block_bytes + self.outside_blocks_bytes) // MIB)
 
     def to_dict(self) -> dict:
-        return {"total_mib": round(self.total_bytes / MIB, 1), "largest_block_mib": round(self.largest_block_bytes / MIB, 1),
+        return {"total_mib": round(self.total_bytes / MIB, 1),
+                "largest_block_mib": round(self.largest_block_bytes / MIB, 1),
                 "outside_blocks_mib": round(self.outside_blocks_bytes / MIB, 1), "stream": self.stream}
 
 
@@ -205,6 +206,9 @@ def plan_for(model: nn.Module, dtype: torch.dtype, max_memory_mib: int | None, f
     size = torch.finfo(dtype).bits // 8
     block_bytes = [sum(p.numel() for p in b.parameters()) * size for b in blocks]
     total = sum(p.numel() for p in model.parameters()) * size
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if getattr(model.config, "tie_word_embeddings", False) and head is not None and head.weight is not emb.weight:
+        total -= head.weight.numel() * size  # the skeleton is not tied yet; the loaded model shares one tensor
     outside = total - sum(block_bytes)
     cap = None if max_memory_mib is None else max_memory_mib * MIB
     stream = bool(force) or (force is None and cap is not None and total > cap)
@@ -237,9 +241,9 @@ def load_streamed(where: tuple[str, str, str], placement):
     blocks_path, _ = find_blocks(model)
     head = model.get_output_embeddings()
     head_name = next((f"{n}.weight" for n, m in model.named_modules() if m is head), None) if head is not None else None
-    # A tied head is not in the file (save_pretrained writes the shared tensor once, as the embedding).
-    tied = tied_embeddings(model) or (head_name is not None and head_name not in weights.file_of
-                                      and bool(getattr(model.config, "tie_word_embeddings", False)))
+    # Tied as from_pretrained ties: by the config (save_pretrained writes the shared tensor once).
+    tied = tied_embeddings(model) or (head_name is not None and bool(getattr(model.config, "tie_word_embeddings",
+                                                                             False)))
     outside = [n for n, _ in model.named_parameters()
                if not n.startswith(blocks_path + ".") and not (tied and n == head_name)]
     tensors = weights.read(outside)
