@@ -29,7 +29,7 @@ from .profile import Profile, profile_key
 from .quantizers import Quantizer, make_quantizer
 from .runner import PrefixRunner
 from .streaming import make_runner
-from .settings import METRICS, ProfileSettings, SettingsError
+from .settings import METRICS, STREAMED_FISHER, ProfileSettings, SettingsError
 
 
 class ProfileCancelled(RuntimeError):
@@ -245,8 +245,7 @@ def prepare(settings: ProfileSettings, loaded: LoadedModel | None = None) -> Pro
     if loaded is None:
         loaded, plan = load_for(settings)
     if loaded.streamed and settings.metric == "fisher":
-        raise SettingsError("--metric fisher needs the whole model in memory (a backward pass): leave out "
-                            "--max-memory-mib / --stream, or use --metric kl")
+        raise SettingsError(STREAMED_FISHER)
     inventory = build_inventory(loaded.model, settings.granularity, settings.embeddings_are_genes)
     tokens = build_token_sets(loaded.tokenizer, settings.calib_tokens, settings.heldout_tokens, settings.seq_len,
                               settings.text_path)

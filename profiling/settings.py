@@ -30,6 +30,8 @@ DEFAULT_HELDOUT_TOKENS = 512
 DEFAULT_SEQ_LEN = 128
 MAX_TOKENS = 10_000_000
 DEVICES = ("auto", "cpu", "cuda", "mps")
+STREAMED_FISHER = ("--metric fisher needs the whole model in memory (a backward pass): leave out --max-memory-mib / "
+                   "--stream, or use --metric kl")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 

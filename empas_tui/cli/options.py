@@ -82,8 +82,7 @@ def check_placement(settings: ProfileSettings) -> None:
 
         plan, _ = plan_streaming(settings, placement)
         if plan.stream and settings.metric == "fisher":
-            raise ps.SettingsError("--metric fisher needs the whole model in memory (a backward pass): leave out "
-                                   "--max-memory-mib / --stream, or use --metric kl")
+            raise ps.SettingsError(ps.STREAMED_FISHER)
 
 
 def explicit_profile_options(args) -> set[str]:
