@@ -133,7 +133,11 @@ def main() -> None:
         unq = [j for j, q in enumerate(args.bits.split(",")) if q != "16"]
         mask = np.isfinite(gpu[:, unq]) & np.isfinite(cpu[:, unq])
         rho = correlations(list(gpu[:, unq][mask]), list(cpu[:, unq][mask]))
-        result["spearman_S_gpu_vs_cpu"] = rho["spearman"]
+        result["spearman_S_gpu_vs_cpu"] = rho["spearman"]  # over every quantised cell (the target)
+        qtypes = args.bits.split(",")
+        result["spearman_per_qtype"] = {
+            qtypes[j]: correlations(list(gpu[:, j][np.isfinite(gpu[:, j])]), list(cpu[:, j][np.isfinite(cpu[:, j])]))[
+                "spearman"] for j in unq}  # within one type: bf16's rounding floor shows at 8 bits
         result["pearson_S_gpu_vs_cpu"] = rho["pearson"]
         result["spearman_ok"] = bool(rho["spearman"] >= 0.99)
         result["speedup_cpu_over_gpu"] = {phase: round(runs[1][f"{phase}_s"] / max(runs[0][f"{phase}_s"], 1e-9), 2)
