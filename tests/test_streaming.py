@@ -186,3 +186,23 @@ def test_evaluate_refuses_an_impossible_device_before_loading(capsys, tmp_path, 
     code, out, err = run_cli(capsys, "evaluate", "--baselines", "--device", "cuda")
     assert code == 2 and err.count("\n") == 1 and "pass --device cpu" in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_profile_streamed_under_a_cap_prints_the_in_memory_numbers(tiny_model_dir, tmp_path, capsys,
+                                                                      one_torch_thread):
+    """`empas profile --max-memory-mib N --stream` end to end: same S as without; both stored under the
+    same profile key (streaming changes how, not what, is measured)."""
+    import json
+
+    base = ["profile", "--model", str(tiny_model_dir), "--quantizer", "rtn", "--bits", "2,4,16", "--group-size", "32",
+            "--calib-tokens", "64", "--seq-len", "32", "--device", "cpu", "--json"]
+    code, out, err = run_cli(capsys, *base, "--storage", str(tmp_path / "a.db"))
+    assert code == 0, err
+    memory = json.loads(out)
+    code, out, err = run_cli(capsys, *base, "--storage", str(tmp_path / "b.db"), "--max-memory-mib", "1", "--stream")
+    assert code == 0, err
+    streamed = json.loads(out)
+    assert streamed["profile_key"] == memory["profile_key"] and streamed["reused_entries"] == 0
+    for gene, row in memory["S"].items():
+        for q, v in row.items():
+            assert streamed["S"][gene][q] == pytest.approx(v, rel=1e-5, abs=1e-12)
