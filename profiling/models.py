@@ -39,6 +39,11 @@ class LoadedModel:
     model_id: str  # what the user asked for, normalised (e.g. "default", a path, an HF id)
     fingerprint: str  # SHA-256 over the weight files: identifies the exact weights
     source_path: str  # where the weights were read from (cache folder, model folder)
+    weights: object | None = None  # a streaming.SafetensorsWeights when the blocks stay on disk (streamed)
+
+    @property
+    def streamed(self) -> bool:
+        return self.weights is not None
 
     @property
     def gguf_path(self) -> Path | None:
@@ -117,8 +122,50 @@ def resolve_model_spec(spec: str | None) -> str:
     return spec
 
 
-def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a causal LM in eval mode, on the CPU, with gradients off for its parameters."""
+def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32,
+               device: torch.device | str = "cpu") -> LoadedModel:
+    """Load a causal LM in eval mode, in ``dtype`` on ``device``, with gradients off for its parameters."""
+    loaded = _load_on_cpu(spec, dtype)
+    if torch.device(device).type != "cpu":
+        loaded.model.to(device)
+    return loaded
+
+
+def model_folder(spec: str | None = None) -> tuple[str, str, str]:
+    """(model id, safetensors folder, fingerprint) of what the user typed, without loading the weights
+    (a GGUF is converted to its dense safetensors folder first, once): what streaming reads from."""
+    model_id = resolve_model_spec(spec)
+    quiet_transformers()
+    if model_id == DEFAULT_MODEL or (model_id.endswith(".gguf") and Path(model_id).is_file()):
+        path = default_gguf_path() if model_id == DEFAULT_MODEL else Path(model_id)
+        fingerprint = file_sha256(path)
+        converted = cache_dir() / "converted" / fingerprint
+        if not (converted / "config.json").is_file():
+            _load_gguf(path, torch.float32, model_id)
+        return model_id, str(converted), fingerprint
+    if Path(model_id).is_dir():
+        return model_id, model_id, folder_fingerprint(Path(model_id))
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(model_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+    except Exception as exc:
+        raise ModelLoadError(f"model {model_id!r} is not in the local cache and could not be downloaded "
+                             f"({type(exc).__name__}): pass a local folder or GGUF file") from None
+    return model_id, folder, folder_fingerprint(Path(folder))
+
+
+def load_tokenizer(folder: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, KeyError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"cannot load a tokenizer from {folder}: {first_line}") from None
+
+
+def _load_on_cpu(spec: str | None, dtype: torch.dtype) -> LoadedModel:
     model_id = resolve_model_spec(spec)
     quiet_transformers()
     if model_id == DEFAULT_MODEL:
@@ -177,8 +224,10 @@ def _load_gguf(path: Path, dtype: torch.dtype, model_id: str) -> LoadedModel:
     converted = cache_dir() / "converted" / fingerprint
     if not (converted / "config.json").is_file():
         log.info("converting %s to dense safetensors in %s (first load only, ~25 s)", path.name, converted.parent)
-        model, tokenizer = _from_pretrained(str(path.parent), dtype, gguf_file=path.name)
+        # The cache is keyed by the file alone: always write float32, whatever this run computes in.
+        model, tokenizer = _from_pretrained(str(path.parent), torch.float32, gguf_file=path.name)
         _save_dense(model, tokenizer, converted)
+        model.to(dtype)
         return LoadedModel(model, tokenizer, model_id=model_id, fingerprint=fingerprint,
                            source_path=str(converted))
     model, tokenizer = _from_pretrained(str(converted), dtype)

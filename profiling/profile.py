@@ -28,10 +28,16 @@ MEASUREMENT_VERSION = 3
 
 
 def profile_key(model_fingerprint: str, corpus_fingerprint: str, quantizer: dict, granularity: str,
-                metric: str, include_embeddings: bool = False) -> str:
-    """What makes two profiles interchangeable. Qtypes are not part of it: entries are per qtype."""
-    blob = json.dumps([model_fingerprint, corpus_fingerprint, quantizer, granularity, metric, bool(include_embeddings),
-                       MEASUREMENT_VERSION], sort_keys=True)
+                metric: str, include_embeddings: bool = False, compute_dtype: str = "float32") -> str:
+    """What makes two profiles interchangeable. Qtypes are not part of it: entries are per qtype.
+
+    A profile measured in another compute dtype than float32 (bf16 on a GPU) is another profile; the
+    float32 key is unchanged, so profiles stored before dtypes existed are still found."""
+    parts = [model_fingerprint, corpus_fingerprint, quantizer, granularity, metric, bool(include_embeddings),
+             MEASUREMENT_VERSION]
+    if compute_dtype != "float32":
+        parts.append(compute_dtype)
+    blob = json.dumps(parts, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -65,7 +71,7 @@ class Profile:
     @property
     def key(self) -> str:
         return profile_key(self.model_fingerprint, self.corpus_fingerprint, self.quantizer, self.granularity,
-                           self.metric, self.include_embeddings)
+                           self.metric, self.include_embeddings, self.extra.get("compute_dtype", "float32"))
 
     @property
     def n_genes(self) -> int:

@@ -28,7 +28,22 @@ def quantized_weights(model: nn.Module, genes: Iterable[Gene], qtypes: Iterable[
     """Fake-quantise each gene's weights to its qtype for the duration of the block, then restore.
 
     ``importance`` maps a weight's module path to its importance vector (see :mod:`profiling.imatrix`);
-    quantisers that weight their rounding error by it (ggml) get it, the others ignore it."""
+    quantisers that weight their rounding error by it (ggml) get it, the others ignore it. The
+    quantiser always sees float32 weights (a bf16 model's included); its result is cast back to the
+    model's dtype, as the model computes with it. On a streamed model (:mod:`profiling.streaming`)
+    the weights of blocks that are on disk are quantised as each block is read."""
+    streamer = getattr(model, "_empas_streamer", None)
+    if streamer is None:
+        with _quantized_resident(model, genes, qtypes, quantizer, importance):
+            yield
+        return
+    with streamer.quantized(list(genes), list(qtypes), quantizer, importance) as (rest_genes, rest_qtypes):
+        with _quantized_resident(model, rest_genes, rest_qtypes, quantizer, importance):
+            yield
+
+
+@contextlib.contextmanager
+def _quantized_resident(model: nn.Module, genes, qtypes, quantizer, importance=None) -> Iterator[None]:
     saved = []
     try:
         for gene, qtype in zip(genes, qtypes):
@@ -38,11 +53,18 @@ def quantized_weights(model: nn.Module, genes: Iterable[Gene], qtypes: Iterable[
                 w = get_weight(model, ref)
                 saved.append((ref, w.detach().clone()))
                 imp = importance.get(ref.path) if importance else None
-                set_weight(model, ref, quantizer.fake_quantize(w.detach(), qtype, imp))
+                set_weight(model, ref, fake_quantize_as(quantizer, w.detach(), qtype, imp))
         yield
     finally:
         for ref, original in reversed(saved):
             set_weight(model, ref, original)
+
+
+def fake_quantize_as(quantizer, weight: torch.Tensor, qtype: str, importance=None) -> torch.Tensor:
+    """``quantizer.fake_quantize`` on the float32 copy of ``weight``, returned in ``weight``'s dtype."""
+    if weight.dtype == torch.float32:
+        return quantizer.fake_quantize(weight, qtype, importance)
+    return quantizer.fake_quantize(weight.float(), qtype, importance).to(weight.dtype)
 
 
 def _first_tensor(output) -> torch.Tensor:
@@ -64,6 +86,14 @@ def mean_kl(dense_logprobs: torch.Tensor, logits: torch.Tensor) -> float:
         lq = torch.log_softmax(logits[start:start + KL_CHUNK_TOKENS].float(), dim=-1)
         total += float((lp.exp() * (lp - lq)).sum())
     return max(total / n, 0.0)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's first materialised parameter lives (a streamed skeleton's embedding)."""
+    for p in model.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
 
 
 class DenseReference:
@@ -89,7 +119,7 @@ class DenseReference:
             zc = z[start:end].float()
             log_q = torch.log_softmax(zc, dim=-1)  # same routine as the dense side: rounding cancels
             per_token = (self.probs[start:end] * (self.logprobs[start:end] - log_q)).sum(dim=-1)
-            total += float(per_token.double().sum())
+            total += float(per_token.to("cpu", torch.float64).sum())  # MPS has no float64
         return max(total / self.n_tokens, 0.0)
 
 
@@ -107,7 +137,7 @@ class PrefixRunner:
         self.model = model
         self.importance = importance
         self.inventory = inventory
-        self.tokens = tokens
+        self.tokens = tokens.to(model_device(model))
         self.blocks_path, self.blocks = find_blocks(model)
         self.final_norm = self._find_final_norm()
         self.lm_head = model.get_output_embeddings()
@@ -164,7 +194,8 @@ class PrefixRunner:
             return False
         with torch.no_grad():
             tail = self.tail_logits(0)
-        return bool(torch.allclose(tail, dense_logits, atol=1e-4, rtol=1e-4))
+        tol = max(1e-4, 4 * torch.finfo(dense_logits.dtype).eps)  # bf16 logits carry ~3 significant digits
+        return bool(torch.allclose(tail.float(), dense_logits.float(), atol=tol, rtol=tol))
 
     # -- evaluation ------------------------------------------------------------------------------
     def full_logits(self) -> torch.Tensor:

@@ -28,7 +28,8 @@ from .models import LoadedModel, load_model
 from .profile import Profile, profile_key
 from .quantizers import Quantizer, make_quantizer
 from .runner import PrefixRunner
-from .settings import METRICS, ProfileSettings
+from .streaming import make_runner
+from .settings import METRICS, STREAMED_FISHER, ProfileSettings, SettingsError
 
 
 class ProfileCancelled(RuntimeError):
@@ -75,9 +76,15 @@ def kl_sensitivity(runner: PrefixRunner, inventory: Inventory, quantizer: Quanti
                    skip: set[Cell] = frozenset(),
                    on_gene: Callable[[int, dict[str, float]], None] | None = None,
                    should_stop: Callable[[], bool] | None = None) -> dict[Cell, float]:
-    """Measure S for every fitting (gene, qtype) not in ``skip``; ``on_gene`` gets each gene's results."""
+    """Measure S for every fitting (gene, qtype) not in ``skip``; ``on_gene`` gets each gene's results.
+
+    A runner with ``kl_batch`` (the streamed one) measures all the cells of one block together: the
+    blocks after it are read from disk once for the batch, not once per cell."""
     results: dict[Cell, float] = {}
-    for i, cells in enumerate(cells_to_measure(inventory, quantizer, qtypes, skip)):
+    todo = cells_to_measure(inventory, quantizer, qtypes, skip)
+    if hasattr(runner, "kl_batch"):
+        return _kl_by_block(runner, inventory, quantizer, todo, on_gene, should_stop)
+    for i, cells in enumerate(todo):
         gene = inventory.genes[i]
         gene_values: dict[str, float] = {}
         for _, q in cells:
@@ -90,24 +97,47 @@ def kl_sensitivity(runner: PrefixRunner, inventory: Inventory, quantizer: Quanti
     return results
 
 
+def _kl_by_block(runner, inventory: Inventory, quantizer: Quantizer, todo: list[list[Cell]], on_gene, should_stop
+                 ) -> dict[Cell, float]:
+    results: dict[Cell, float] = {}
+    by_block: dict[int, list[int]] = {}
+    for i, cells in enumerate(todo):
+        if cells:
+            by_block.setdefault(inventory.genes[i].block, []).append(i)
+    for block in sorted(by_block):
+        if should_stop and should_stop():
+            raise ProfileCancelled("profiling cancelled")
+        batch = [(i, q) for i in by_block[block] for _, q in todo[i] if q != quantizer.unquantized]
+        values = runner.kl_batch([([inventory.genes[i]], [q]) for i, q in batch], quantizer)
+        measured = dict(zip(batch, values))
+        for i in by_block[block]:
+            gene_values = {q: measured.get((i, q), 0.0) for _, q in todo[i]}
+            results.update({(i, q): v for q, v in gene_values.items()})
+            if on_gene:
+                on_gene(i, gene_values)
+    return results
+
+
 # -- Fisher profile ------------------------------------------------------------------------------
 
 def fisher_diagonal(model: torch.nn.Module, inventory: Inventory, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
     """Diagonal empirical Fisher per gene weight: sum over sequences of (d sum-of-token-losses / dW)^2
     divided by the number of predicted tokens, i.e. a per-token Fisher (KL ~= 1/2 dW' F dW per token)."""
     weights = {ref.path: model.get_submodule(ref.path).weight for ref in inventory.weights}
-    fisher = {path: torch.zeros_like(w) for path, w in weights.items()}
+    fisher = {path: torch.zeros_like(w, dtype=torch.float32) for path, w in weights.items()}
+    weights_device = next(iter(weights.values())).device if weights else torch.device("cpu")
     for w in weights.values():
         w.requires_grad_(True)
     try:
         for seq in tokens:
             model.zero_grad(set_to_none=True)
-            logits = model(input_ids=seq[None], use_cache=False).logits
-            loss = torch.nn.functional.cross_entropy(logits[0, :-1].float(), seq[1:], reduction="sum")
+            logits = model(input_ids=seq[None].to(weights_device), use_cache=False).logits
+            loss = torch.nn.functional.cross_entropy(logits[0, :-1].float(), seq[1:].to(weights_device),
+                                                     reduction="sum")
             loss.backward()
             for path, w in weights.items():
                 if w.grad is not None:
-                    fisher[path] += w.grad.detach() ** 2
+                    fisher[path] += w.grad.detach().float() ** 2
     finally:
         for w in weights.values():
             w.requires_grad_(False)
@@ -132,10 +162,10 @@ def fisher_sensitivity(model, inventory: Inventory, quantizer: Quantizer, qtypes
             value = 0.0
             if q != quantizer.unquantized:
                 for ref in gene.weights:
-                    w = get_weight(model, ref).detach()
+                    w = get_weight(model, ref).detach().float()
                     f = fisher[ref.path].t() if ref.transposed else fisher[ref.path]
                     imp = importance.get(ref.path) if importance else None
-                    value += 0.5 * float((f * (quantizer.fake_quantize(w, q, imp) - w) ** 2).sum())
+                    value += 0.5 * float((f * (quantizer.fake_quantize(w, q, imp).to(f.device) - w) ** 2).sum())
             gene_values[q] = value
             results[(i, q)] = value
         if gene_values and on_gene:
@@ -189,6 +219,12 @@ class ProfileSetup:
     quantizer: Quantizer
     importance: dict[str, torch.Tensor] | None = None
     memory: MemoryLayout = field(default_factory=QuantizerLayout)
+    stream_plan: object | None = None  # streaming.StreamPlan when --max-memory-mib / --stream was given
+
+    @property
+    def compute_dtype(self) -> str:
+        p = next((p for p in self.loaded.model.parameters() if p.device.type != "meta"), None)
+        return "float32" if p is None else str(p.dtype).removeprefix("torch.")
 
     @property
     def metric(self) -> str:
@@ -197,14 +233,19 @@ class ProfileSetup:
     @property
     def key(self) -> str:
         return profile_key(self.loaded.fingerprint, self.tokens.fingerprint, self.quantizer.settings(),
-                           self.inventory.granularity, self.metric, self.settings.embeddings_are_genes)
+                           self.inventory.granularity, self.metric, self.settings.embeddings_are_genes,
+                           self.compute_dtype)
 
 
 def prepare(settings: ProfileSettings, loaded: LoadedModel | None = None) -> ProfileSetup:
     """Validate ``settings`` (before the slow load), load the model and cut the calibration tokens."""
     settings.validate()
     quantizer = make_quantizer(settings.quantizer)
-    loaded = loaded or load_model(settings.model)
+    plan = None
+    if loaded is None:
+        loaded, plan = load_for(settings)
+    if loaded.streamed and settings.metric == "fisher":
+        raise SettingsError(STREAMED_FISHER)
     inventory = build_inventory(loaded.model, settings.granularity, settings.embeddings_are_genes)
     tokens = build_token_sets(loaded.tokenizer, settings.calib_tokens, settings.heldout_tokens, settings.seq_len,
                               settings.text_path)
@@ -214,7 +255,24 @@ def prepare(settings: ProfileSettings, loaded: LoadedModel | None = None) -> Pro
 
         importance = model_importance(loaded.model, inventory, tokens.calibration, settings.quantizer.imatrix)
     return ProfileSetup(settings, loaded, inventory, tokens, quantizer, importance,
-                        memory_layout(loaded, inventory, quantizer))
+                        memory_layout(loaded, inventory, quantizer), plan)
+
+
+def load_for(settings: ProfileSettings):
+    """The model of ``settings`` on its device and dtype: streamed block by block when it is forced or
+    its weights exceed ``max_memory_mib``, else in memory. Returns (loaded, stream plan or None); every
+    check (device, dtype, cap) fails before any weight is read."""
+    from .devices import resolve_device
+
+    placement = resolve_device(settings.device, settings.dtype)
+    if settings.max_memory_mib is None and not settings.stream:
+        return load_model(settings.model, placement.dtype, placement.device), None
+    from .streaming import load_streamed, plan_streaming
+
+    plan, where = plan_streaming(settings, placement)
+    if plan.stream:
+        return load_streamed(where, placement), plan
+    return load_model(settings.model, placement.dtype, placement.device), plan
 
 
 def run_profile(setup: ProfileSetup, store=None, progress: ProgressCallback | None = None,
@@ -231,8 +289,8 @@ def run_profile(setup: ProfileSetup, store=None, progress: ProgressCallback | No
     if stored_header is not None:
         known = {k: v for k, v in store.entries(key).items() if k[1] in qtypes and k[0] < len(inv.genes)}
     if runner is None and (len(known) < total or stored_header is None):
-        runner = PrefixRunner(setup.loaded.model, inv, setup.tokens.calibration, reuse_prefix=reuse_prefix,
-                              importance=setup.importance)
+        runner = make_runner(setup.loaded.model, inv, setup.tokens.calibration, reuse_prefix=reuse_prefix,
+                             importance=setup.importance)
     base_loss = runner.base_loss if runner is not None else float(stored_header["base_loss"])
     header = {
         "model_id": setup.loaded.model_id, "model_fingerprint": setup.loaded.fingerprint,
@@ -291,7 +349,8 @@ def run_profile(setup: ProfileSetup, store=None, progress: ProgressCallback | No
         base_loss=base_loss, sensitivity=table, include_embeddings=setup.settings.embeddings_are_genes,
         unquantized=quantizer.unquantized, seconds=time.perf_counter() - started, reused_entries=len(known),
         measured_seconds=(store.measured_seconds(key) if store is not None else time.perf_counter() - started),
-        extra={"quantizer_settings": setup.settings.quantizer.to_dict(), "settings": setup.settings.to_dict()},
+        extra={"quantizer_settings": setup.settings.quantizer.to_dict(), "settings": setup.settings.to_dict(),
+               "compute_dtype": setup.compute_dtype, "streamed": setup.loaded.streamed},
     )
     emit("done")
     return profile

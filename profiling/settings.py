@@ -30,6 +30,8 @@ DEFAULT_HELDOUT_TOKENS = 512
 DEFAULT_SEQ_LEN = 128
 MAX_TOKENS = 10_000_000
 DEVICES = ("auto", "cpu", "cuda", "mps")
+STREAMED_FISHER = ("--metric fisher needs the whole model in memory (a backward pass): leave out --max-memory-mib / "
+                   "--stream, or use --metric kl")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -184,6 +186,8 @@ class ProfileSettings:
     text_file: str | None = None
     device: str = "auto"
     dtype: str = "auto"
+    max_memory_mib: int | None = None  # cap on resident weights: a larger model is streamed block by block
+    stream: bool | None = None  # None: stream only when the weights exceed max_memory_mib; True: always
 
     def validate(self) -> "ProfileSettings":
         """Raise a one-line error for anything that cannot work; return self for chaining."""
@@ -205,6 +209,9 @@ class ProfileSettings:
             raise SettingsError(f"device {self.device!r} is not one of {', '.join(DEVICES)} (cuda:N for a GPU)")
         if self.dtype not in DTYPES:
             raise SettingsError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        m = self.max_memory_mib
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m <= 0):
+            raise SettingsError("--max-memory-mib must be a positive whole number of MiB")
         return self
 
     @property

@@ -5,9 +5,28 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from profiling import settings as ps
 from search.export_settings import DEFAULT_HELDOUT_TOKENS
 
+from .options import add_memory_options, check_placement
 from .output import ProgressBar, print_json
+
+
+def evaluation_placement(args):
+    """The device/dtype/memory flags as settings (None when none was given: float32 on the CPU)."""
+    from profiling.settings import ProfileSettings
+
+    given = {k: getattr(args, k, None) for k in ("device", "dtype", "max_memory_mib", "stream")}
+    if all(v is None for v in given.values()):
+        return None
+    settings = ProfileSettings(**{k: v for k, v in given.items() if v is not None}).validate()
+    if args.model:
+        check_placement(settings.with_(model=args.model))
+    else:
+        from profiling.devices import resolve_device
+
+        resolve_device(settings.device, settings.dtype)
+    return settings
 
 
 def register(sub) -> None:
@@ -34,6 +53,9 @@ def register(sub) -> None:
                    help=f"held-out tokens (default {DEFAULT_HELDOUT_TOKENS})")
     e.add_argument("--seq-len", type=int, default=128, help="tokens per held-out sequence (default 128)")
     e.add_argument("--text", default=None, help="held-out text file (default: disjoint from the calibration)")
+    e.add_argument("--device", default=None, help="auto, cpu, cuda[:N] or mps (default auto; EMPAS's own engine)")
+    e.add_argument("--dtype", default=None, choices=ps.DTYPES, help="compute dtype (default auto)")
+    add_memory_options(e)
     e.add_argument("--threads", type=int, default=None,
                    help="llamacpp engine: llama.cpp threads (default: half the logical CPUs)")
     e.add_argument("--tokenizer-pre", default=None, metavar="NAME",
@@ -107,6 +129,7 @@ def run_evaluate(args) -> int:
         raise UserError("nothing to evaluate: pass artifact files (from `empas export`) and/or --baselines")
     if not (isinstance(args.heldout_tokens, int) and args.heldout_tokens > 0):
         raise UserError(f"--heldout-tokens must be a positive number, got {args.heldout_tokens!r}")
+    placement = evaluation_placement(args)  # device, dtype and memory cap checked before anything loads
     artifacts = [(f, load_artifact(f)) for f in args.files]  # all validated before the model loads
     first = artifacts[0][1] if artifacts else None
     for f, art in artifacts[1:]:
@@ -131,7 +154,7 @@ def run_evaluate(args) -> int:
                    else None)
     from profiling.evaluation import prepare_validation
 
-    loaded = load_checked(args.model, first.model_id if first else "default", None)
+    loaded = load_checked(args.model, first.model_id if first else "default", None, placement)
     for f, art in artifacts:
         art.check_model(loaded.fingerprint, where=f" {f}")
     include_embeddings = any("embed_tokens" in a.genes for _, a in artifacts) or (ggml and not artifacts)

@@ -14,7 +14,8 @@ from profiling.settings import ProfileSettings, QuantizerSettings
 
 PROFILE_FIELDS = {"model": "model", "granularity": "granularity", "metric": "metric", "calib_tokens": "calib_tokens",
                   "heldout_tokens": "heldout_tokens", "seq_len": "seq_len", "text": "text_file",
-                  "include_embeddings": "include_embeddings", "device": "device", "dtype": "dtype"}
+                  "include_embeddings": "include_embeddings", "device": "device", "dtype": "dtype",
+                  "max_memory_mib": "max_memory_mib", "stream": "stream"}
 
 
 def add_storage_option(p) -> None:
@@ -54,7 +55,34 @@ def add_model_options(p) -> None:
     p.add_argument("--seq-len", type=int, default=None, help=f"tokens per sequence (default {ps.DEFAULT_SEQ_LEN})")
     p.add_argument("--text", default=None, help="plain-text file for calibration/held-out (default: built-in corpus)")
     p.add_argument("--device", default=None, help="auto, cpu, cuda[:N] or mps (default auto)")
-    p.add_argument("--dtype", default=None, choices=ps.DTYPES, help="compute dtype (default auto)")
+    p.add_argument("--dtype", default=None, choices=ps.DTYPES,
+                   help="compute dtype (default auto: bfloat16 on a GPU, float32 on the CPU)")
+    add_memory_options(p)
+
+
+def add_memory_options(p) -> None:
+    p.add_argument("--max-memory-mib", type=int, default=None, metavar="N",
+                   help="cap on resident weights: a model larger than N MiB runs block by block from its "
+                        "safetensors files (default: no cap, the whole model in memory)")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="always run block by block from disk (default: only when over --max-memory-mib)")
+
+
+def check_placement(settings: ProfileSettings) -> None:
+    """Device, dtype and memory cap checked against this machine and the model's config (no weights
+    read), so a bad one fails before anything is written."""
+    if settings.device == "auto" and settings.dtype == "auto" and settings.max_memory_mib is None \
+            and not settings.stream:
+        return
+    from profiling.devices import resolve_device
+
+    placement = resolve_device(settings.device, settings.dtype)
+    if settings.max_memory_mib is not None or settings.stream:
+        from profiling.streaming import plan_streaming
+
+        plan, _ = plan_streaming(settings, placement)
+        if plan.stream and settings.metric == "fisher":
+            raise ps.SettingsError(ps.STREAMED_FISHER)
 
 
 def explicit_profile_options(args) -> set[str]:
@@ -79,4 +107,6 @@ def profile_settings(args) -> ProfileSettings:
     quantizer = QuantizerSettings.parse(name, args.bits if name == "rtn" else args.types, args.group_size,
                                         imatrix=imatrix if name == "ggml" else None)
     kwargs = {field: getattr(args, opt) for opt, field in PROFILE_FIELDS.items() if getattr(args, opt, None) is not None}
-    return ProfileSettings(quantizer=quantizer, **kwargs).validate()
+    settings = ProfileSettings(quantizer=quantizer, **kwargs).validate()
+    check_placement(settings)
+    return settings

@@ -24,8 +24,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from profiling.runner import PrefixRunner
     from profiling.sensitivity import fidelity_check
+    from profiling.streaming import make_runner
     from storage.database import open_database
 
     from ..jobs.profile import ensure_profile
@@ -43,8 +43,8 @@ def run(args) -> int:
     profile, setup = job.profile, job.setup
     fidelity = None
     if args.check:
-        runner = PrefixRunner(setup.loaded.model, setup.inventory, setup.tokens.calibration,
-                              importance=setup.importance)
+        runner = make_runner(setup.loaded.model, setup.inventory, setup.tokens.calibration,
+                             importance=setup.importance)
         fidelity = fidelity_check(profile, runner, setup.inventory, setup.quantizer, args.check)
     if args.json:
         print_json(profile_json(profile, fidelity))

@@ -17,9 +17,17 @@ def check_model(loaded: LoadedModel, model_id: str, fingerprint: str | None) -> 
     return loaded
 
 
-def load_checked(model: str | None, model_id: str, fingerprint: str | None) -> LoadedModel:
-    """``model`` (default: ``model_id``), refused unless its weights are ``fingerprint``'s."""
-    return check_model(load_model(model or model_id), model_id, fingerprint)
+def load_checked(model: str | None, model_id: str, fingerprint: str | None, placement=None) -> LoadedModel:
+    """``model`` (default: ``model_id``), refused unless its weights are ``fingerprint``'s.
+
+    ``placement``: a :class:`ProfileSettings`-like object with ``device``, ``dtype``, ``max_memory_mib``
+    and ``stream`` (the evaluate command's flags); None loads float32 on the CPU."""
+    if placement is None:
+        return check_model(load_model(model or model_id), model_id, fingerprint)
+    from profiling.sensitivity import load_for
+
+    loaded, _ = load_for(placement.with_(model=model or model_id))
+    return check_model(loaded, model_id, fingerprint)
 
 
 def quantizer_for(profile_extra: dict, identity: dict, qtypes):

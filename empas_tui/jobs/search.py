@@ -74,9 +74,9 @@ def calibration_kl(setup):
 
     The genomes measured share most of their genes: each (weight, qtype) is quantised once."""
     from profiling.quantizers.memo import MemoQuantizer
-    from profiling.runner import PrefixRunner
+    from profiling.streaming import make_runner
 
-    runner = PrefixRunner(setup.loaded.model, setup.inventory, setup.tokens.calibration, importance=setup.importance)
+    runner = make_runner(setup.loaded.model, setup.inventory, setup.tokens.calibration, importance=setup.importance)
     genes = setup.inventory.genes
     quantizer = MemoQuantizer(setup.quantizer)
     return lambda qtypes: runner.kl_with(genes, list(qtypes), quantizer)

@@ -77,16 +77,23 @@ class EmpasApp(App):
                 self._db = open_database(self.storage_url)
             return self._db
 
-    def load_model(self, spec: str | None, fingerprint: str | None = None):
-        """Load (once per spec) and return a LoadedModel; with ``fingerprint``, refuse other weights.
-        Called from worker threads only."""
+    def load_model(self, spec: str | None, fingerprint: str | None = None, placement=None):
+        """Load (once per spec and placement) and return a LoadedModel; with ``fingerprint``, refuse other
+        weights. ``placement``: the setup's ProfileSettings (device, dtype, memory cap); None: float32 on
+        the CPU. Called from worker threads only."""
         from profiling.models import resolve_model_spec
 
         key = resolve_model_spec(spec) if self._loader is None else (spec or "default")
+        if placement is not None:
+            key = (key, placement.device, placement.dtype, placement.max_memory_mib, placement.stream)
         with self._model_lock:
             if key not in self._models:
                 if self._loader is not None:
                     loaded = self._loader(spec)
+                elif placement is not None:
+                    from profiling.sensitivity import load_for
+
+                    loaded, _ = load_for(placement.with_(model=spec or "default"))
                 else:
                     from profiling.models import load_model
 

@@ -89,6 +89,8 @@ def form_fields() -> list[FormField]:
         FormField("seq_len", "Sequence length", "tokens per sequence"),
         FormField("device", "Device", "auto, cpu, cuda[:N] or mps"),
         FormField("dtype", "Dtype", "compute dtype", tuple((t, t) for t in ps.DTYPES)),
+        FormField("max_memory_mib", "Max memory MiB", "above this many MiB of weights, run block by block from disk",
+                  placeholder="empty = whole model in memory"),
         FormField("study", "Study name", "where the search is stored; resume it later by this name"),
         FormField("evaluate", "Evaluate", "how each genome is scored",
                   (("proxy: predicted loss, sum of the profile (fast)", "proxy"),
@@ -104,7 +106,7 @@ def form_fields() -> list[FormField]:
 
 QUANTIZER_FIELDS = ("quantizer", "qtypes", "group_size", "imatrix")
 PROFILE_FIELDS = ("model", "include_embeddings", "granularity", "metric", "text_file", "calib_tokens",
-                  "heldout_tokens", "seq_len", "device", "dtype")
+                  "heldout_tokens", "seq_len", "device", "dtype", "max_memory_mib")
 SEARCH_FIELDS = ("evaluate", "population", "trials", "seed", "max_mib")
 RTN_ONLY, GGML_ONLY = ("group_size",), ("imatrix",)
 
@@ -126,7 +128,8 @@ def form_values(cfg: RunConfig | None = None) -> dict[str, str]:
         "imatrix": (QuantizerSettings.parse("ggml").imatrix if q.name == "rtn" else q.imatrix) or "none",
         "include_embeddings": emb, "granularity": p.granularity, "metric": p.metric or AUTO,
         "text_file": p.text_file or "", "calib_tokens": str(p.calib_tokens), "heldout_tokens": str(p.heldout_tokens),
-        "seq_len": str(p.seq_len), "device": p.device, "dtype": p.dtype, "study": s.study_name or "",
+        "seq_len": str(p.seq_len), "device": p.device, "dtype": p.dtype,
+        "max_memory_mib": "" if p.max_memory_mib is None else str(p.max_memory_mib), "study": s.study_name or "",
         "evaluate": s.evaluate or SearchSettings.DEFAULTS["evaluate"],
     }
     for name in ("population", "trials", "seed"):
@@ -225,6 +228,7 @@ def parse_form(values: dict[str, str], existing: set[str] = frozenset()) -> tupl
         "seq_len": _int_or_text(values["seq_len"]),
         "device": values["device"].strip() or "auto",
         "dtype": values["dtype"],
+        "max_memory_mib": _int_or_text(values["max_memory_mib"]) if values.get("max_memory_mib", "").strip() else None,
     }
     # A field is checked against the chosen quantiser (its default types when the typed ones are wrong).
     base = ProfileSettings(quantizer=quantizer or QuantizerSettings.parse(values["quantizer"]))

@@ -161,7 +161,7 @@ layer's shape (it is never offered to it). The unquantised type (16 / f16) has S
         post = self.post_message
         try:
             post(ProfileStatus(f"loading model {cfg.profile.model}..."))
-            loaded = self.app.load_model(cfg.profile.model)
+            loaded = self.app.load_model(cfg.profile.model, placement=cfg.profile)
             if should_stop():
                 raise ProfileCancelled("cancelled")
             post(ProfileStatus("tokenising the calibration text..."))
