@@ -243,6 +243,7 @@ class ProfileSettings:
         """The settings a profile was measured with (``Profile.extra["settings"]``)."""
         known = {f for f in cls.__dataclass_fields__}
         kwargs = {k: v for k, v in d.items() if k in known and k != "quantizer"}
+        kwargs.setdefault("mode", "exact")  # settings stored before fast profiles existed were exact
         return cls(quantizer=QuantizerSettings.from_dict(d["quantizer"]), **kwargs)
 
     def summary(self) -> str:

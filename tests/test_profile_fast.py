@@ -266,10 +266,10 @@ def test_progress_ticker_thread_writes_to_a_pipe_without_events():
 
 
 def test_empas_profile_in_a_pipe_prints_progress_lines(tiny_model_dir, tmp_path):
-    env = {**os.environ, "EMPAS_PROGRESS_INTERVAL": "0.1", "OMP_NUM_THREADS": "1", "EMPAS_STORAGE": f"sqlite:///{tmp_path / 'e.db'}"}
+    env = {**os.environ, "EMPAS_PROGRESS_INTERVAL": "0.05", "OMP_NUM_THREADS": "1", "EMPAS_STORAGE": f"sqlite:///{tmp_path / 'e.db'}"}
     proc = subprocess.run([sys.executable, "-m", "empas_tui", "profile", "--model", str(tiny_model_dir),
-                           "--quantizer", "rtn", "--bits", "2,3,4,8,16", "--granularity", "linear",
-                           "--calib-tokens", "512", "--seq-len", "64"],
+                           "--quantizer", "rtn", "--bits", "2,4,16", "--granularity", "linear",
+                           "--calib-tokens", "256", "--seq-len", "64"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("profiling: ")]
