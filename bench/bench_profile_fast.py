@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from profiling.inventory import Inventory  # noqa: E402
 from profiling.profile import skip_reason  # noqa: E402
 from profiling.runner import PrefixRunner  # noqa: E402
-from profiling.sensitivity import Screening, measure_gene, prepare, run_profile, screening_runner  # noqa: E402
+from profiling.sensitivity import make_screening, measure_gene, prepare, run_profile  # noqa: E402
 from profiling.settings import SCREEN_MARGIN, SCREEN_TOKENS, ProfileSettings, QuantizerSettings  # noqa: E402
 from storage.atomic import atomic_write_text  # noqa: E402
 from storage.database import open_database  # noqa: E402
@@ -80,7 +80,7 @@ def main() -> None:
     blocks = [int(b) for b in args.blocks.split(",")]
     genes = [i for i, g in enumerate(inv.genes) if g.block in blocks]
     runner = PrefixRunner(setup.loaded.model, inv, setup.tokens.calibration, importance=setup.importance)
-    screen = Screening(screening_runner(setup, runner), SCREEN_MARGIN)
+    screen = make_screening(setup, runner)
     valid = inv.valid_table(quantizer, qtypes)
 
     exact_values, fast_values, per_gene = {}, {}, []

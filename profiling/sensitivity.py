@@ -128,6 +128,13 @@ class Screening:
 
     runner: PrefixRunner | None
     margin: float
+    rest: PrefixRunner | None = None  # the calibration tokens after the screening ones
+
+    def exact_from(self, screened: np.ndarray, gene, qtype: str, quantizer) -> float:
+        """The exact S of a screened cell: its screening tokens plus the rest, so the screening pass
+        is part of the exact measurement, not paid on top of it."""
+        rest = self.rest.token_kl_with([gene], [qtype], quantizer).numpy() if self.rest is not None else np.empty(0)
+        return max(float((screened.sum() + rest.sum()) / (len(screened) + len(rest))), 0.0)
 
 
 def dominated_mask(cost: np.ndarray, value: np.ndarray, margin: float = 0.0) -> np.ndarray:
@@ -161,7 +168,8 @@ def measure_gene(runner: PrefixRunner, inventory: Inventory, quantizer: Quantize
     3. the remaining cells that might lose to a cheaper-or-equal sibling (their weights' error says so)
        are measured on the screening tokens, and one that loses by the margin there, with confidence
        (:func:`screened_losers`), is dominated (marker "screened");
-    4. every other cell is measured exactly, on every calibration token.
+    4. every other cell is measured exactly, on every calibration token (a screened one on the
+       tokens after the screening ones, added to its screening pass).
     ``known``: stored cells of this gene (from an earlier run), taken into account in 2."""
     gene = inventory.genes[gene_index]
     qtypes = list(qtypes)
@@ -209,10 +217,11 @@ def measure_gene(runner: PrefixRunner, inventory: Inventory, quantizer: Quantize
             stop_check()
             screened[j] = screen.runner.token_kl_with([gene], [qtypes[j]], memo).numpy()
         lost = screened_losers(cost, screened, screen.margin)
-        for j in todo:
-            if j in lost:
-                values[qtypes[j]] = SKIP_VALUES["screened"]
-        todo = [j for j in todo if j not in lost]
+        for j in sorted(pairs):
+            stop_check()
+            values[qtypes[j]] = (SKIP_VALUES["screened"] if j in lost
+                                 else screen.exact_from(screened[j], gene, qtypes[j], memo))
+        todo = [j for j in todo if j not in pairs]
     # 4: the exact measurement
     for j in todo:
         stop_check()
@@ -487,7 +496,7 @@ def run_profile(setup: ProfileSetup, store=None, progress: ProgressCallback | No
     if setup.metric == "kl":
         screen = None
         if setup.mode == "fast" and pending:
-            screen = Screening(screening_runner(setup, runner), SCREEN_MARGIN)
+            screen = make_screening(setup, runner)
         measure_started[0] = time.perf_counter()
         measured = kl_sensitivity(runner, inv, quantizer, qtypes, skip, on_gene, should_stop, known, screen)
     else:
@@ -519,18 +528,21 @@ def run_profile(setup: ProfileSetup, store=None, progress: ProgressCallback | No
     return profile
 
 
-def screening_runner(setup: ProfileSetup, runner: PrefixRunner, tokens: int = SCREEN_TOKENS) -> PrefixRunner | None:
-    """A runner on the first ``tokens`` calibration tokens (whole sequences first, then a prefix of one),
-    sharing the model, the importance matrix and the prefix-reuse decision of ``runner``; None when
-    that would be all of them."""
+def make_screening(setup: ProfileSetup, runner: PrefixRunner, tokens: int = SCREEN_TOKENS,
+                   margin: float = SCREEN_MARGIN) -> Screening:
+    """Fast mode's screening: runners on the first whole sequences holding ``tokens`` calibration
+    tokens and on the sequences after them, sharing the model, the importance matrix and the
+    prefix-reuse decision of ``runner``. No screening runner when that would be every sequence."""
     calib = setup.tokens.calibration
-    if calib.numel() <= tokens:
-        return None
-    seq_len = calib.shape[1]
-    n_seq = max(1, min(calib.shape[0], tokens // seq_len))
-    subset = calib[:n_seq] if tokens >= seq_len else calib[:1, :max(2, tokens)]
-    return PrefixRunner(setup.loaded.model, setup.inventory, subset, reuse_prefix=runner.reuse_prefix,
-                        importance=setup.importance)
+    n_seq = max(1, tokens // calib.shape[1])
+    if n_seq >= calib.shape[0]:
+        return Screening(None, margin)
+
+    def part(rows):
+        return PrefixRunner(setup.loaded.model, setup.inventory, rows, reuse_prefix=runner.reuse_prefix,
+                            importance=setup.importance)
+
+    return Screening(part(calib[:n_seq]), margin, part(calib[n_seq:]))
 
 
 def load_profile(setup: ProfileSetup, store) -> Profile | None:
