@@ -62,6 +62,16 @@ def archetype_genomes(profile) -> dict[str, list[str]]:
             for c in select_archetypes(front.memory, front.loss, space.base_loss)}
 
 
+def _commit() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--blocks", default="8,24", help="blocks whose 7 linears form the subset (default 8,24)")
@@ -161,7 +171,7 @@ def main() -> None:
         "archetypes_identical": arch["exact"] == arch["fast"], "per_gene": per_gene,
         "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads "
                     f"(2-core machine shared with other jobs)",
-        "torch": torch.__version__,
+        "torch": torch.__version__, "commit": _commit(),
     }
     if args.full:
         t = time.perf_counter()
