@@ -276,3 +276,13 @@ def test_empas_profile_in_a_pipe_prints_progress_lines(tiny_model_dir, tmp_path)
     assert lines and all(" elapsed " in ln for ln in lines), proc.stderr
     assert "\r" not in proc.stderr
     assert "(fast mode)" in proc.stdout
+
+
+def test_empas_evaluate_in_a_pipe_prints_progress_lines(tiny_model_dir):
+    env = {**os.environ, "EMPAS_PROGRESS_INTERVAL": "0.05", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "empas_tui", "evaluate", "--baselines", "--model", str(tiny_model_dir),
+                           "--heldout-tokens", "256", "--seq-len", "64"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("evaluating: ")]
+    assert lines and all(" elapsed " in ln for ln in lines), proc.stderr
