@@ -262,8 +262,9 @@ SCREEN_ERROR_RATIO = 0.5
 
 def _screening_pairs(cost: np.ndarray, errors: list[float], cells: list[int]) -> set[int]:
     """The cells worth screening: each cell whose error is >= SCREEN_ERROR_RATIO x the error of a
-    cheaper-or-equal one (earlier in (cost, index) order), and that cheaper one."""
-    order = sorted(range(len(cells)), key=lambda k: (cost[cells[k]], cells[k]))
+    cheaper-or-equal one (earlier in (cost, error) order: of equal bytes, the smaller error first), and
+    that cheaper one."""
+    order = sorted(range(len(cells)), key=lambda k: (cost[cells[k]], errors[k], cells[k]))
     out: set[int] = set()
     for pos, k in enumerate(order):
         for m in order[:pos]:

@@ -71,6 +71,17 @@ def test_screened_losers_need_confidence_not_just_a_bigger_mean():
     assert screened_losers(np.array([5, 10]), {0: base * 9, 1: base}, margin=0.05) == set()
 
 
+def test_screening_pairs_compare_equal_bytes_both_ways():
+    from profiling.sensitivity import _screening_pairs
+
+    # SmolLM2's down_proj: iq4_nl, q4_0, q4_k all 4.5 bpw; q4_k's error is 15x smaller and listed last
+    cost = np.array([864.0, 864.0, 864.0, 660.0, 504.0])
+    errors = [37.5, 51.4, 2.43, 167.0, 454.0]
+    assert _screening_pairs(cost, errors, [0, 1, 2, 3, 4]) == {0, 1, 2}
+    # RTN-like: each cheaper type has a far larger error, nothing to screen
+    assert _screening_pairs(np.array([2.0, 4.0, 8.0]), [100.0, 6.0, 0.4], [0, 1, 2]) == set()
+
+
 # -- fast vs exact on a real model ----------------------------------------------------------------
 
 def ggml_settings(granularity="block", **kw) -> ProfileSettings:
