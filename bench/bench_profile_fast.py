@@ -80,6 +80,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "profile_fast.json"))
     args = ap.parse_args()
 
+    commit = _commit()  # the code this run imported, before anything else can be committed
     t0 = time.perf_counter()
     settings = ProfileSettings(granularity="linear", quantizer=QuantizerSettings.parse("ggml"),
                                calib_tokens=args.calib_tokens)
@@ -171,7 +172,7 @@ def main() -> None:
         "archetypes_identical": arch["exact"] == arch["fast"], "per_gene": per_gene,
         "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads "
                     f"(2-core machine shared with other jobs)",
-        "torch": torch.__version__, "commit": _commit(),
+        "torch": torch.__version__, "commit": commit,
     }
     if args.full:
         t = time.perf_counter()
