@@ -7,6 +7,11 @@ model's next-token distribution to the one with only gene *i* quantised to ``qty
 (ggml's K-quants on a row that is not a multiple of 256) has ``cost_bytes == -1`` and
 ``sensitivity == nan``: the search never offers it to that gene.
 
+A ``fast`` profile (docs/profiling.md) also skips cells that cannot matter: a cell whose
+cheaper-or-equal-bytes sibling in the same gene is as good or better is *dominated* (``dominated[i, j]``,
+``sensitivity == nan``). Like a cell that does not fit, it is not offered to the search (``offered``),
+but it is counted separately (``skipped``: how many, and why).
+
 A profile is self-contained: a study stores it in its attributes and needs nothing else.
 """
 
@@ -27,16 +32,34 @@ PROFILE_SCHEMA = 2
 MEASUREMENT_VERSION = 3
 
 
+#: Stored values of skipped cells (a measured S is never negative), by reason.
+SKIP_MARKERS = {-1.0: "zero", -2.0: "screened"}
+SKIP_VALUES = {reason: value for value, reason in SKIP_MARKERS.items()}
+SKIP_REASONS = {"zero": "a cheaper-or-equal type of the gene has S = 0 exactly (its weights are unchanged)",
+                "screened": "on the screening tokens it lost by the margin to a cheaper-or-equal type of the gene"}
+
+
+def skip_reason(value: float) -> str | None:
+    """The reason a stored cell value marks a skipped (dominated) cell, or None for a measured value."""
+    return SKIP_MARKERS.get(float(value))
+
+
 def profile_key(model_fingerprint: str, corpus_fingerprint: str, quantizer: dict, granularity: str,
-                metric: str, include_embeddings: bool = False, compute_dtype: str = "float32") -> str:
+                metric: str, include_embeddings: bool = False, compute_dtype: str = "float32",
+                mode: str = "exact") -> str:
     """What makes two profiles interchangeable. Qtypes are not part of it: entries are per qtype.
 
-    A profile measured in another compute dtype than float32 (bf16 on a GPU) is another profile; the
-    float32 key is unchanged, so profiles stored before dtypes existed are still found."""
+    A profile measured in another compute dtype than float32 (bf16 on a GPU) is another profile, and so
+    is a fast KL profile (its skipped cells); the float32 exact key is unchanged, so profiles stored
+    before dtypes and modes existed are still found."""
     parts = [model_fingerprint, corpus_fingerprint, quantizer, granularity, metric, bool(include_embeddings),
              MEASUREMENT_VERSION]
     if compute_dtype != "float32":
         parts.append(compute_dtype)
+    if metric == "kl" and mode != "exact":
+        from .settings import SCREEN_MARGIN, SCREEN_TOKENS
+
+        parts.append([mode, SCREEN_TOKENS, SCREEN_MARGIN])
     blob = json.dumps(parts, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
@@ -67,11 +90,20 @@ class Profile:
     reused_entries: int = 0
     measured_seconds: float = 0.0  # the time spent measuring every entry, whichever run measured it
     extra: dict = field(default_factory=dict)
+    mode: str = "exact"  # "fast": dominated cells were skipped (see ``dominated``)
+    dominated: np.ndarray | None = None  # (genes, qtypes) bool: skipped as dominated; None: none skipped
+    skipped: dict = field(default_factory=dict)  # reason -> number of cells skipped for it (SKIP_REASONS)
+
+    def __post_init__(self) -> None:
+        shape = np.asarray(self.cost_bytes).shape
+        self.dominated = (np.zeros(shape, dtype=bool) if self.dominated is None
+                          else np.asarray(self.dominated, dtype=bool).reshape(shape))
 
     @property
     def key(self) -> str:
         return profile_key(self.model_fingerprint, self.corpus_fingerprint, self.quantizer, self.granularity,
-                           self.metric, self.include_embeddings, self.extra.get("compute_dtype", "float32"))
+                           self.metric, self.include_embeddings, self.extra.get("compute_dtype", "float32"),
+                           self.mode)
 
     @property
     def n_genes(self) -> int:
@@ -86,8 +118,21 @@ class Profile:
         """(genes, qtypes) bool: which qtypes each gene may take."""
         return np.asarray(self.cost_bytes) >= 0
 
+    @property
+    def offered(self) -> np.ndarray:
+        """(genes, qtypes) bool: what the search offers each gene: fitting and not dominated."""
+        return self.valid & ~self.dominated
+
     def gene_qtypes(self, i: int) -> list[str]:
-        return [q for q, ok in zip(self.qtypes, self.valid[i]) if ok]
+        """The qtypes offered to gene ``i``."""
+        return [q for q, ok in zip(self.qtypes, self.offered[i]) if ok]
+
+    def skipped_text(self) -> str:
+        """One line: how many cells a fast profile skipped, and why ("" when none)."""
+        if not self.skipped or not sum(self.skipped.values()):
+            return ""
+        parts = [f"{n} because {SKIP_REASONS.get(r, r)}" for r, n in sorted(self.skipped.items()) if n]
+        return f"{int(self.dominated.sum())} dominated cells skipped (not offered to the search): " + "; ".join(parts)
 
     def dense_bytes(self) -> int:
         """Bytes with every gene unquantised."""
@@ -144,13 +189,14 @@ class Profile:
         return list(np.argsort(-np.nan_to_num(worst, nan=-np.inf), kind="stable"))
 
     def _smallest(self, i: int, bits: np.ndarray) -> int:
-        cols = np.flatnonzero(self.valid[i])
+        cols = np.flatnonzero(self.offered[i])
         return int(cols[np.argmin(bits[cols])])
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["schema"] = PROFILE_SCHEMA
         d["cost_bytes"] = self.cost_bytes.tolist()
+        d["dominated"] = self.dominated.tolist()
         d["sensitivity"] = [[None if not math.isfinite(v) else float(v) for v in row] for row in self.sensitivity]
         return d
 
@@ -163,6 +209,8 @@ class Profile:
         d["cost_bytes"] = np.asarray(d["cost_bytes"], dtype=np.int64)
         d["sensitivity"] = np.array([[np.nan if v is None else v for v in row] for row in d["sensitivity"]],
                                     dtype=np.float64).reshape(d["cost_bytes"].shape)
+        if d.get("dominated") is not None:
+            d["dominated"] = np.asarray(d["dominated"], dtype=bool)
         return cls(**d)
 
     def table_rows(self) -> list[dict]:
@@ -170,7 +218,8 @@ class Profile:
         rows = []
         for i in self.ranking():
             row = {"gene": self.gene_names[i], "params": self.gene_params[i]}
-            row.update({f"S@{q}": (float(self.sensitivity[i, j]) if self.valid[i, j] else None)
+            row.update({f"S@{q}": (float(self.sensitivity[i, j]) if self.offered[i, j] else None)
                         for j, q in enumerate(self.qtypes)})
+            row["dominated"] = [q for j, q in enumerate(self.qtypes) if self.dominated[i, j]]
             rows.append(row)
         return rows

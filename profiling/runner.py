@@ -122,6 +122,16 @@ class DenseReference:
             total += float(per_token.to("cpu", torch.float64).sum())  # MPS has no float64
         return max(total / self.n_tokens, 0.0)
 
+    def token_kl(self, logits: torch.Tensor) -> torch.Tensor:
+        """KL(p_dense || q) of every token, float64, computed as :meth:`mean_kl` does."""
+        z = logits.reshape(-1, logits.shape[-1])
+        out = []
+        for start in range(0, self.n_tokens, KL_CHUNK_TOKENS):
+            end = start + KL_CHUNK_TOKENS
+            log_q = torch.log_softmax(z[start:end].float(), dim=-1)
+            out.append((self.probs[start:end] * (self.logprobs[start:end] - log_q)).sum(dim=-1).double())
+        return torch.cat(out)
+
 
 def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> float:
     """Mean cross-entropy of predicting token t+1 from logits at t; logits (n_seq, len, vocab)."""
@@ -226,3 +236,7 @@ class PrefixRunner:
 
     def kl_with(self, genes: list[Gene], qtypes: list[str], quantizer) -> float:
         return self.dense.mean_kl(self.logits_with(genes, qtypes, quantizer))
+
+    def token_kl_with(self, genes: list[Gene], qtypes: list[str], quantizer) -> torch.Tensor:
+        """Per-token KL (float64) with ``genes`` at ``qtypes``: what screening compares, pair by pair."""
+        return self.dense.token_kl(self.logits_with(genes, qtypes, quantizer))

@@ -22,14 +22,14 @@ import numpy as np
 import torch
 
 from .corpus import TokenSets, build_token_sets
-from .inventory import Inventory, build_inventory, get_weight
+from .inventory import Inventory, build_inventory, find_blocks, get_weight
 from .memory import MemoryLayout, QuantizerLayout, memory_layout
 from .models import LoadedModel, load_model
-from .profile import Profile, profile_key
+from .profile import Profile, profile_key, skip_reason
 from .quantizers import Quantizer, make_quantizer
 from .runner import PrefixRunner
 from .streaming import make_runner
-from .settings import METRICS, STREAMED_FISHER, ProfileSettings, SettingsError
+from .settings import METRICS, SCREEN_MARGIN, SCREEN_TOKENS, STREAMED_FISHER, ProfileSettings, SettingsError
 
 
 class ProfileCancelled(RuntimeError):
@@ -38,7 +38,10 @@ class ProfileCancelled(RuntimeError):
 
 @dataclass(frozen=True)
 class ProfileEvent:
-    """One progress step. ``kind``: "start", "entry" (a gene x qtype measured), "reused", "done"."""
+    """One progress step. ``kind``: "start", "entry" (a gene x qtype measured or skipped), "reused", "done".
+
+    ``work_done`` / ``work_total``: the measuring work of this run in block passes (see
+    :func:`cell_work`), so the ETA weighs a cell of an early block (a long tail) more than a late one."""
 
     kind: str
     done: int
@@ -48,13 +51,37 @@ class ProfileEvent:
     qtype: str = ""
     value: float = float("nan")
     elapsed: float = 0.0
+    work_done: float = 0.0
+    work_total: float = 0.0
+    work_seconds: float = 0.0  # seconds spent measuring so far (without loading and the dense pass)
+    skipped: str = ""  # for a skipped (dominated) cell: the reason (profiling.profile.SKIP_REASONS)
 
     @property
     def eta_seconds(self) -> float | None:
-        measured = self.done
-        if measured <= 0 or self.kind == "done":
-            return None
-        return self.elapsed / measured * (self.total - measured)
+        return eta_seconds(self.work_seconds, self.work_done, self.work_total) if self.kind != "done" else None
+
+
+def eta_seconds(elapsed: float, work_done: float, work_total: float) -> float | None:
+    """Seconds left at the measured rate of work (None before any work is done)."""
+    if work_done <= 0 or elapsed <= 0:
+        return None
+    return max(elapsed / work_done * (work_total - work_done), 0.0)
+
+
+def cell_work(gene_block: int, n_blocks: int, head_blocks: float) -> float:
+    """What measuring one cell of a gene read first in ``gene_block`` costs, in block passes: the
+    blocks from there to the end plus the head (``head_blocks``: the LM head and the KL in block
+    units). The embedding (block -1) needs every block; an untied head (block n) only the head."""
+    return float(n_blocks - min(max(gene_block, 0), n_blocks)) + head_blocks
+
+
+def head_blocks(model: torch.nn.Module, inventory: Inventory) -> float:
+    """The LM head's cost in block passes: its weights over one block's (both are matmuls per token)."""
+    head = model.get_output_embeddings()
+    n_blocks = max(1, 1 + max((g.block for g in inventory.genes if g.block >= 0), default=0))
+    blocks = [w for w in inventory.weights if w.kind == "linear"]
+    per_block = sum(w.params for w in blocks) / n_blocks if blocks else 1.0
+    return float(head.weight.numel()) / max(per_block, 1.0) if head is not None else 1.0
 
 
 ProgressCallback = Callable[[ProfileEvent], None]
@@ -75,23 +102,24 @@ def cells_to_measure(inventory: Inventory, quantizer: Quantizer, qtypes, skip=fr
 def kl_sensitivity(runner: PrefixRunner, inventory: Inventory, quantizer: Quantizer, qtypes,
                    skip: set[Cell] = frozenset(),
                    on_gene: Callable[[int, dict[str, float]], None] | None = None,
-                   should_stop: Callable[[], bool] | None = None) -> dict[Cell, float]:
+                   should_stop: Callable[[], bool] | None = None,
+                   known: dict[Cell, float] | None = None, screen: "Screening | None" = None) -> dict[Cell, float]:
     """Measure S for every fitting (gene, qtype) not in ``skip``; ``on_gene`` gets each gene's results.
 
-    A runner with ``kl_batch`` (the streamed one) measures all the cells of one block together: the
-    blocks after it are read from disk once for the batch, not once per cell."""
+    ``screen`` (fast mode) lets :func:`measure_gene` skip dominated cells (stored as a
+    :data:`profiling.profile.SKIP_MARKERS` value); ``known`` holds stored cells it may compare with.
+    A runner with ``kl_batch`` (the streamed one) measures all the cells of one block together, every
+    cell exactly: the blocks after it are read from disk once for the batch, not once per cell."""
     results: dict[Cell, float] = {}
+    known = known or {}
     todo = cells_to_measure(inventory, quantizer, qtypes, skip)
     if hasattr(runner, "kl_batch"):
         return _kl_by_block(runner, inventory, quantizer, todo, on_gene, should_stop)
     for i, cells in enumerate(todo):
-        gene = inventory.genes[i]
-        gene_values: dict[str, float] = {}
-        for _, q in cells:
-            if should_stop and should_stop():
-                raise ProfileCancelled("profiling cancelled")
-            gene_values[q] = 0.0 if q == quantizer.unquantized else runner.kl_with([gene], [q], quantizer)
-            results[(i, q)] = gene_values[q]
+        gene_known = {q: v for (g, q), v in known.items() if g == i}
+        gene_values = measure_gene(runner, inventory, quantizer, i, [q for _, q in cells], gene_known, screen,
+                                   should_stop)
+        results.update({(i, q): v for q, v in gene_values.items()})
         if gene_values and on_gene:
             on_gene(i, gene_values)
     return results
@@ -116,6 +144,181 @@ def _kl_by_block(runner, inventory: Inventory, quantizer: Quantizer, todo: list[
             if on_gene:
                 on_gene(i, gene_values)
     return results
+@dataclass
+class Screening:
+    """Fast mode: a runner on a prefix of the calibration tokens and the margin a cell must lose by
+    (S_screen >= (1 + margin) x S_screen of a cheaper-or-equal sibling) before it is skipped.
+    ``runner`` None: the calibration is no longer than the screening prefix, so only the exact
+    shortcuts (1 and 2 of :func:`measure_gene`) apply."""
+
+    runner: PrefixRunner | None
+    margin: float
+    rest: PrefixRunner | None = None  # the calibration tokens after the screening ones
+
+    def exact_from(self, screened: np.ndarray, gene, qtype: str, quantizer) -> float:
+        """The exact S of a screened cell: its screening tokens plus the rest, so the screening pass
+        is part of the exact measurement, not paid on top of it."""
+        rest = self.rest.token_kl_with([gene], [qtype], quantizer).numpy() if self.rest is not None else np.empty(0)
+        return max(float((screened.sum() + rest.sum()) / (len(screened) + len(rest))), 0.0)
+
+
+def dominated_mask(cost: np.ndarray, value: np.ndarray, margin: float = 0.0) -> np.ndarray:
+    """Which cells of one gene cannot matter: cell j is dominated when a cell before it in (cost,
+    value, index) order, hence cheaper or equal in bytes, has ``value <= value[j] / (1 + margin)``.
+
+    ``value`` may be NaN (not known): such a cell dominates nothing, and is dominated only by a
+    cheaper-or-equal cell of value 0 (an S is never negative). Of equal cells the first one stays."""
+    cost = np.asarray(cost, dtype=np.float64)
+    value = np.asarray(value, dtype=np.float64)
+    known = ~np.isnan(value)
+    order = np.lexsort((np.arange(len(cost)), np.where(known, value, np.inf), cost))
+    out = np.zeros(len(cost), dtype=bool)
+    best = np.inf  # the smallest known value among the cells before j
+    for j in order:
+        if best <= 0.0 or (known[j] and value[j] >= (1.0 + margin) * best):
+            out[j] = True
+        if known[j]:
+            best = min(best, float(value[j]))
+    return out
+
+
+def measure_gene(runner: PrefixRunner, inventory: Inventory, quantizer: Quantizer, gene_index: int, qtypes,
+                 known: dict[str, float] | None = None, screen: Screening | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> dict[str, float]:
+    """S of one gene at each of ``qtypes``: qtype -> value, or a skip marker for a dominated cell.
+
+    Without ``screen`` (exact mode) every cell is measured on every calibration token. With it:
+    1. a qtype whose quantised weights equal the dense ones bit for bit has S = 0 (no forward pass);
+    2. a cell with a cheaper-or-equal sibling at S = 0 is dominated (marker "zero");
+    3. the remaining cells that might lose to a cheaper-or-equal sibling (their weights' error says so)
+       are measured on the screening tokens, and one that loses by the margin there, with confidence
+       (:func:`screened_losers`), is dominated (marker "screened");
+    4. every other cell is measured exactly, on every calibration token (a screened one on the
+       tokens after the screening ones, added to its screening pass).
+    ``known``: stored cells of this gene (from an earlier run), taken into account in 2."""
+    gene = inventory.genes[gene_index]
+    qtypes = list(qtypes)
+
+    def stop_check() -> None:
+        if should_stop and should_stop():
+            raise ProfileCancelled("profiling cancelled")
+
+    if screen is None:
+        values = {}
+        for q in qtypes:
+            stop_check()
+            values[q] = 0.0 if q == quantizer.unquantized else runner.kl_with([gene], [q], quantizer)
+        return values
+
+    from .profile import SKIP_VALUES, skip_reason
+    from .quantizers.memo import MemoQuantizer
+
+    known = {q: v for q, v in (known or {}).items() if q not in qtypes}
+    memo = MemoQuantizer(quantizer, budget_bytes=1 << 30)  # quantise each (weight, qtype) once for 1, 3 and 4
+    names = qtypes + list(known)
+    cost = np.array([sum(quantizer.weight_bytes(q, w.out_features, w.in_features) for w in gene.weights)
+                     for q in names], dtype=np.float64)
+    exact = np.array([np.nan if skip_reason(known[q]) else known[q] for q in known], dtype=np.float64)
+    value = np.concatenate([np.full(len(qtypes), np.nan), exact])
+    values: dict[str, float] = {}
+    # 1 + 2: cheapest first, so the types above a zero are never quantised at all
+    for j in np.lexsort((np.arange(len(qtypes)), cost[:len(qtypes)])):
+        q = qtypes[j]
+        if dominated_mask(cost, value)[j]:
+            continue
+        if q == quantizer.unquantized or _weights_unchanged(runner, gene, q, memo):
+            values[q] = value[j] = 0.0
+    zero = dominated_mask(cost, value)
+    for j, q in enumerate(qtypes):
+        if zero[j] and q not in values:
+            values[q] = SKIP_VALUES["zero"]
+    todo = [j for j, q in enumerate(qtypes) if q not in values]
+    # 3: screening, of the cells the weights' error says might lose to a cheaper-or-equal sibling
+    pairs = _screening_pairs(cost, [_weight_error(runner, gene, qtypes[j], memo) for j in todo], todo) \
+        if screen.runner is not None and len(todo) > 1 else set()
+    if pairs:
+        screened: dict[int, np.ndarray] = {}
+        for j in sorted(pairs):
+            stop_check()
+            screened[j] = screen.runner.token_kl_with([gene], [qtypes[j]], memo).numpy()
+        lost = screened_losers(cost, screened, screen.margin)
+        for j in sorted(pairs):
+            stop_check()
+            values[qtypes[j]] = (SKIP_VALUES["screened"] if j in lost
+                                 else screen.exact_from(screened[j], gene, qtypes[j], memo))
+        todo = [j for j in todo if j not in pairs]
+    # 4: the exact measurement
+    for j in todo:
+        stop_check()
+        values[qtypes[j]] = runner.kl_with([gene], [qtypes[j]], memo)
+    return {q: values[q] for q in qtypes}
+
+
+#: How sure screening must be before it skips a cell: the lower confidence bound of the paired per-token
+#: difference, mean - SCREEN_Z x standard error, must exceed the margin.
+SCREEN_Z = 3.0
+
+
+def screened_losers(cost: np.ndarray, token_kl: dict[int, np.ndarray], margin: float,
+                    z: float = SCREEN_Z) -> set[int]:
+    """The screened cells that lose, with confidence, to a cheaper-or-equal screened cell of the gene.
+
+    Cell j loses to cell i (cost[i] <= cost[j], i before j in (cost, mean, index) order) when the
+    per-token differences d = kl_j - kl_i on the screening tokens (the same tokens for both, so the
+    pairing removes most of the noise) have mean(d) - z * stderr(d) >= margin * mean(kl_i): then
+    S_j >= (1 + margin) S_i, with the noise of a few hundred tokens accounted for."""
+    order = sorted(token_kl, key=lambda j: (cost[j], float(np.mean(token_kl[j])), j))
+    lost: set[int] = set()
+    for pos, j in enumerate(order):
+        for i in order[:pos]:
+            d = token_kl[j] - token_kl[i]
+            stderr = float(np.std(d, ddof=1) / np.sqrt(len(d))) if len(d) > 1 else np.inf
+            if float(np.mean(d)) - z * stderr >= margin * float(np.mean(token_kl[i])):
+                lost.add(j)
+                break
+    return lost
+
+
+#: Screening is worth a pass only where a cell might lose: its weights' error is at least this fraction
+#: of a cheaper-or-equal sibling's (RTN's 4 bits vs 2 bits: ~1/16, never screened; two 4.5-bit ggml
+#: types: ~1, screened). The gate only saves work: a cell it lets through is measured exactly.
+SCREEN_ERROR_RATIO = 0.5
+
+
+def _screening_pairs(cost: np.ndarray, errors: list[float], cells: list[int]) -> set[int]:
+    """The cells worth screening: each cell whose error is >= SCREEN_ERROR_RATIO x the error of a
+    cheaper-or-equal one (earlier in (cost, error) order: of equal bytes, the smaller error first), and
+    that cheaper one."""
+    order = sorted(range(len(cells)), key=lambda k: (cost[cells[k]], errors[k], cells[k]))
+    out: set[int] = set()
+    for pos, k in enumerate(order):
+        for m in order[:pos]:
+            if errors[k] >= SCREEN_ERROR_RATIO * errors[m]:
+                out.update((cells[k], cells[m]))
+    return out
+
+
+def _weight_error(runner: PrefixRunner, gene, qtype: str, quantizer) -> float:
+    """Sum over the gene's weights of the rounding error squared, weighted per input column by the
+    importance (the mean of x^2) where there is one: a free, rough stand-in for S."""
+    total = 0.0
+    for ref in gene.weights:
+        w = get_weight(runner.model, ref).detach()
+        imp = runner.importance.get(ref.path) if runner.importance else None
+        d2 = (quantizer.fake_quantize(w, qtype, imp).float() - w.float()) ** 2
+        total += float((d2 * imp.float().reshape(1, -1)).sum() if imp is not None else d2.sum())
+    return total
+
+
+def _weights_unchanged(runner: PrefixRunner, gene, qtype: str, quantizer) -> bool:
+    """Whether quantising ``gene`` to ``qtype`` leaves every one of its weights bit for bit as it is."""
+    importance = runner.importance
+    for ref in gene.weights:
+        w = get_weight(runner.model, ref).detach()
+        imp = importance.get(ref.path) if importance else None
+        if not torch.equal(quantizer.fake_quantize(w, qtype, imp), w):
+            return False
+    return True
 
 
 # -- Fisher profile ------------------------------------------------------------------------------
@@ -231,10 +434,15 @@ class ProfileSetup:
         return self.settings.metric or METRICS[0]
 
     @property
+    def mode(self) -> str:
+        """How the cells are measured: "fast" or "exact" (a Fisher profile is always "exact")."""
+        return self.settings.mode if self.metric == "kl" else "exact"
+
+    @property
     def key(self) -> str:
         return profile_key(self.loaded.fingerprint, self.tokens.fingerprint, self.quantizer.settings(),
                            self.inventory.granularity, self.metric, self.settings.embeddings_are_genes,
-                           self.compute_dtype)
+                           self.compute_dtype, self.mode)
 
 
 def prepare(settings: ProfileSettings, loaded: LoadedModel | None = None) -> ProfileSetup:
@@ -301,14 +509,23 @@ def run_profile(setup: ProfileSetup, store=None, progress: ProgressCallback | No
         "base_loss": base_loss, "heldout_tokens": setup.tokens.heldout_tokens,
         "seq_len": int(setup.tokens.calibration.shape[1]),
     }
+    header["mode"] = setup.mode
     if store is not None:
         store.ensure_header(key, header)
     done = len(known)
     lock = threading.Lock()
+    n_blocks = len(find_blocks(setup.loaded.model)[1])
+    head = head_blocks(setup.loaded.model, inv)
+    pending = [c for cells in cells_to_measure(inv, quantizer, qtypes, set(known)) for c in cells]
+    work = {c: cell_work(inv.genes[c[0]].block, n_blocks, head) for c in pending}
+    work_total, work_done = sum(work.values()), 0.0
+    measure_started = [time.perf_counter()]
 
     def emit(kind: str, **kw) -> None:
         if progress:
-            progress(ProfileEvent(kind=kind, done=done, total=total, elapsed=time.perf_counter() - started, **kw))
+            now = time.perf_counter()
+            progress(ProfileEvent(kind=kind, done=done, total=total, elapsed=now - started, work_done=work_done,
+                                  work_total=work_total, work_seconds=now - measure_started[0], **kw))
 
     emit("start")
     if known:
@@ -317,7 +534,7 @@ def run_profile(setup: ProfileSetup, store=None, progress: ProgressCallback | No
     gene_started = [time.perf_counter()]
 
     def on_gene(i: int, values: dict[str, float]) -> None:
-        nonlocal done
+        nonlocal done, work_done
         now = time.perf_counter()
         per_cell = (now - gene_started[0]) / max(len(values), 1)
         gene_started[0] = now
@@ -326,17 +543,28 @@ def run_profile(setup: ProfileSetup, store=None, progress: ProgressCallback | No
         with lock:
             for q, v in values.items():
                 done += 1
-                emit("entry", gene_index=i, gene=inv.genes[i].name, qtype=q, value=v)
+                work_done += work.get((i, q), 0.0)
+                reason = skip_reason(v) or ""
+                emit("entry", gene_index=i, gene=inv.genes[i].name, qtype=q, value=float("nan") if reason else v,
+                     skipped=reason)
 
     skip = set(known)
     if setup.metric == "kl":
-        measured = kl_sensitivity(runner, inv, quantizer, qtypes, skip, on_gene, should_stop)
+        screen = None
+        if setup.mode == "fast" and pending and not hasattr(runner, "kl_batch"):  # streamed: every cell exact
+            screen = make_screening(setup, runner)
+        measure_started[0] = time.perf_counter()
+        measured = kl_sensitivity(runner, inv, quantizer, qtypes, skip, on_gene, should_stop, known, screen)
     else:
         measured = fisher_sensitivity(setup.loaded.model, inv, quantizer, qtypes, setup.tokens.calibration, skip,
                                       on_gene, should_stop, setup.importance)
     values = {**known, **measured}
-    table = np.array([[values.get((i, q), np.nan) if valid[i, j] else np.nan for j, q in enumerate(qtypes)]
-                      for i in range(len(inv.genes))], dtype=np.float64)
+    reasons = {c: skip_reason(v) for c, v in values.items() if skip_reason(v)}
+    table = np.array([[values.get((i, q), np.nan) if valid[i, j] and (i, q) not in reasons else np.nan
+                       for j, q in enumerate(qtypes)] for i in range(len(inv.genes))], dtype=np.float64)
+    dominated = np.array([[valid[i, j] and (i, q) in reasons for j, q in enumerate(qtypes)]
+                          for i in range(len(inv.genes))], dtype=bool)
+    skipped = {r: sum(1 for c, why in reasons.items() if why == r and c[1] in qtypes) for r in set(reasons.values())}
     profile = Profile(
         model_id=setup.loaded.model_id, model_fingerprint=setup.loaded.fingerprint,
         corpus_source=setup.tokens.source, corpus_fingerprint=setup.tokens.fingerprint,
@@ -351,9 +579,27 @@ def run_profile(setup: ProfileSetup, store=None, progress: ProgressCallback | No
         measured_seconds=(store.measured_seconds(key) if store is not None else time.perf_counter() - started),
         extra={"quantizer_settings": setup.settings.quantizer.to_dict(), "settings": setup.settings.to_dict(),
                "compute_dtype": setup.compute_dtype, "streamed": setup.loaded.streamed},
+        mode=setup.mode, dominated=dominated, skipped=skipped,
     )
     emit("done")
     return profile
+
+
+def make_screening(setup: ProfileSetup, runner: PrefixRunner, tokens: int = SCREEN_TOKENS,
+                   margin: float = SCREEN_MARGIN) -> Screening:
+    """Fast mode's screening: runners on the first whole sequences holding ``tokens`` calibration
+    tokens and on the sequences after them, sharing the model, the importance matrix and the
+    prefix-reuse decision of ``runner``. No screening runner when that would be every sequence."""
+    calib = setup.tokens.calibration
+    n_seq = max(1, tokens // calib.shape[1])
+    if n_seq >= calib.shape[0]:
+        return Screening(None, margin)
+
+    def part(rows):
+        return PrefixRunner(setup.loaded.model, setup.inventory, rows, reuse_prefix=runner.reuse_prefix,
+                            importance=setup.importance)
+
+    return Screening(part(calib[:n_seq]), margin, part(calib[n_seq:]))
 
 
 def load_profile(setup: ProfileSetup, store) -> Profile | None:

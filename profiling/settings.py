@@ -16,6 +16,15 @@ QUANTIZER_NAMES = ("ggml", "rtn")
 DEFAULT_QUANTIZER = "ggml"  # llama.cpp's types, shipped as GGUF; "rtn" keeps the packed PyTorch path
 GRANULARITIES = ("block", "linear")
 METRICS = ("kl", "fisher")
+#: How a KL profile is measured. ``fast`` (default): exact shortcuts, then screening on a prefix of the
+#: calibration tokens, then the exact measurement of every cell that can still matter (see
+#: docs/profiling.md). ``exact``: every cell on every calibration token, as before.
+PROFILE_MODES = ("fast", "exact")
+DEFAULT_PROFILE_MODE = "fast"
+#: Fast mode: calibration tokens of the screening pass, and the margin a screened cell must lose by to a
+#: cheaper-or-equal sibling, with confidence (per-token paired test), before it is skipped.
+SCREEN_TOKENS = 128
+SCREEN_MARGIN = 0.05
 
 RTN_UNQUANTIZED = "16"
 RTN_MIN_BITS, RTN_MAX_BITS = 2, 8
@@ -180,6 +189,7 @@ class ProfileSettings:
     quantizer: QuantizerSettings = field(default_factory=QuantizerSettings.parse)
     include_embeddings: bool | None = None  # None: yes with ggml (a third of a small model's bytes), no with rtn
     metric: str | None = None  # None: KL, unless only a profile with another metric is stored (see jobs)
+    mode: str = DEFAULT_PROFILE_MODE  # how a KL profile is measured: "fast" or "exact" (PROFILE_MODES)
     calib_tokens: int = DEFAULT_CALIB_TOKENS
     heldout_tokens: int = DEFAULT_HELDOUT_TOKENS
     seq_len: int = DEFAULT_SEQ_LEN
@@ -195,6 +205,9 @@ class ProfileSettings:
             raise SettingsError(f"granularity {self.granularity!r} is not one of {', '.join(GRANULARITIES)}")
         if self.metric is not None and self.metric not in METRICS:
             raise SettingsError(f"metric {self.metric!r} is not one of {', '.join(METRICS)}")
+        if self.mode not in PROFILE_MODES:
+            raise SettingsError(f"profile mode {self.mode!r} is not one of {', '.join(PROFILE_MODES)}: pass "
+                                f"--profile-mode fast or --profile-mode exact")
         self.quantizer.validate()
         if self.embeddings_are_genes and self.quantizer.name == "rtn":
             raise SettingsError("--include-embeddings needs --quantizer ggml (the RTN checkpoint keeps embeddings "
@@ -237,6 +250,7 @@ class ProfileSettings:
         """The settings a profile was measured with (``Profile.extra["settings"]``)."""
         known = {f for f in cls.__dataclass_fields__}
         kwargs = {k: v for k, v in d.items() if k in known and k != "quantizer"}
+        kwargs.setdefault("mode", "exact")  # settings stored before fast profiles existed were exact
         return cls(quantizer=QuantizerSettings.from_dict(d["quantizer"]), **kwargs)
 
     def summary(self) -> str:
@@ -244,7 +258,8 @@ class ProfileSettings:
         q = self.quantizer
         types = ",".join(q.qtypes)
         emb = " + embeddings" if self.embeddings_are_genes else ""
-        return (f"{self.model} | {self.granularity} genes{emb} | {q.name} {types} | {self.metric or DEFAULT_METRIC} on "
+        mode = f" ({self.mode})" if (self.metric or DEFAULT_METRIC) == "kl" else ""
+        return (f"{self.model} | {self.granularity} genes{emb} | {q.name} {types} | {self.metric or DEFAULT_METRIC}{mode} on "
                 f"{self.calib_tokens} calibration tokens ({self.text_file or 'built-in corpus'})")
 
 

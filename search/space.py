@@ -31,8 +31,11 @@ class SearchSpace:
 
     @classmethod
     def from_profile(cls, profile: Profile) -> "SearchSpace":
+        """The space of ``profile``'s offered cells: a cell a fast profile skipped as dominated is left
+        out like one that does not fit (a cheaper-or-equal type of that gene is as good)."""
+        cost = np.where(profile.offered, np.asarray(profile.cost_bytes, dtype=np.int64), -1)
         return cls(tuple(profile.gene_names), tuple(profile.qtypes), np.asarray(profile.qtype_bits, dtype=np.float64),
-                   np.asarray(profile.cost_bytes, dtype=np.int64), np.asarray(profile.sensitivity, dtype=np.float64),
+                   cost, np.asarray(profile.sensitivity, dtype=np.float64),
                    np.asarray(profile.gene_params, dtype=np.int64), int(profile.fixed_bytes),
                    float(profile.base_loss))
 

@@ -12,7 +12,7 @@ import argparse
 from profiling import settings as ps
 from profiling.settings import ProfileSettings, QuantizerSettings
 
-PROFILE_FIELDS = {"model": "model", "granularity": "granularity", "metric": "metric", "calib_tokens": "calib_tokens",
+PROFILE_FIELDS = {"model": "model", "granularity": "granularity", "metric": "metric", "profile_mode": "mode", "calib_tokens": "calib_tokens",
                   "heldout_tokens": "heldout_tokens", "seq_len": "seq_len", "text": "text_file",
                   "include_embeddings": "include_embeddings", "device": "device", "dtype": "dtype",
                   "max_memory_mib": "max_memory_mib", "stream": "stream"}
@@ -48,6 +48,9 @@ def add_model_options(p) -> None:
                    help="make the token embedding and output head genes (default: yes with ggml, no with rtn)")
     p.add_argument("--metric", choices=ps.METRICS, default=None,
                    help="sensitivity metric: measured KL (default) or the fast Fisher estimate")
+    p.add_argument("--profile-mode", choices=ps.PROFILE_MODES, default=None,
+                   help=f"how a KL profile is measured: fast (screen, skip the cells that cannot matter, measure "
+                        f"the rest exactly) or exact (every cell on every token) (default: {ps.DEFAULT_PROFILE_MODE})")
     p.add_argument("--calib-tokens", type=int, default=None,
                    help=f"calibration tokens (default {ps.DEFAULT_CALIB_TOKENS})")
     p.add_argument("--heldout-tokens", type=int, default=None,

@@ -65,12 +65,15 @@ def profile_json(profile, fidelity=None) -> dict:
         "include_embeddings": profile.include_embeddings, "memory_basis": profile.memory_basis,
         "corpus": profile.corpus_source,
         "genes": [{"name": n, "params": p} for n, p in zip(profile.gene_names, profile.gene_params)],
-        "S": {n: {q: float(v) for q, v, ok in zip(profile.qtypes, row, valid) if ok}
-              for n, row, valid in zip(profile.gene_names, profile.sensitivity, profile.valid)},
+        "S": {n: {q: float(v) for q, v, ok in zip(profile.qtypes, row, offered) if ok}
+              for n, row, offered in zip(profile.gene_names, profile.sensitivity, profile.offered)},
         "base_loss": profile.base_loss, "base_ppl": profile.base_ppl,
         "fixed_bytes": profile.fixed_bytes, "dense_bytes": profile.dense_bytes(),
         "seconds": profile.seconds, "measured_seconds": profile.measured_seconds,
         "reused_entries": profile.reused_entries, "profile_key": profile.key,
+        "mode": profile.mode, "skipped": dict(profile.skipped),
+        "dominated": {n: [q for q, d in zip(profile.qtypes, row) if d]
+                      for n, row in zip(profile.gene_names, profile.dominated) if row.any()},
     }
     if fidelity is not None:
         out["fidelity"] = fidelity
@@ -84,13 +87,18 @@ def print_table(profile, fidelity=None, limit: int = 40, stream=None) -> None:
     w(f"model {profile.model_id}  ({profile.granularity} genes: {profile.n_genes}, metric {profile.metric})\n")
     w(f"calibration: {profile.calibration_tokens} tokens of {profile.corpus_source}; "
       f"dense loss {profile.base_loss:.4f} (PPL {profile.base_ppl:.2f}) measured\n")
-    w(profile.timing_text() + "\n\n")
+    w(profile.timing_text() + (f" ({profile.mode} mode)" if profile.metric == "kl" else "") + "\n")
+    if profile.skipped_text():
+        w(profile.skipped_text() + "\n")
+    w("\n")
     cols = [q for q in profile.qtypes if q != profile.unquantized]
     header = f"{'gene':34} {'params':>10} " + " ".join(f"{'S@' + q:>10}" for q in cols)
-    w(f"sensitivity S(gene, qtype) [{unit}], most sensitive first (-: the type does not fit the gene)\n{header}\n")
+    w(f"sensitivity S(gene, qtype) [{unit}], most sensitive first (-: the type does not fit the gene; "
+      f"skip: dominated, not offered)\n{header}\n")
     rows = profile.table_rows()
     for row in rows[:limit]:
-        w(f"{row['gene']:34} {row['params']:>10,} " + " ".join(_cell(row[f'S@{q}']) for q in cols) + "\n")
+        w(f"{row['gene']:34} {row['params']:>10,} "
+          + " ".join(_cell(row[f'S@{q}'], q in row['dominated']) for q in cols) + "\n")
     if len(rows) > limit:
         w(f"... {len(rows) - limit} more genes (use --json for all)\n")
     if fidelity is not None:
@@ -98,7 +106,9 @@ def print_table(profile, fidelity=None, limit: int = 40, stream=None) -> None:
           f"Spearman {_fmt(fidelity['spearman'])}, Pearson {_fmt(fidelity['pearson'])}\n")
 
 
-def _cell(v) -> str:
+def _cell(v, dominated: bool = False) -> str:
+    if dominated:
+        return f"{'skip':>10}"
     return f"{'-':>10}" if v is None else f"{v:10.5f}"
 
 

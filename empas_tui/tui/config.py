@@ -289,7 +289,7 @@ def settings_from_profile(profile) -> ProfileSettings:
     corpus = profile.corpus_source
     return ProfileSettings(model=profile.model_id, granularity=profile.granularity, quantizer=quantizer,
                            include_embeddings=profile.include_embeddings, metric=profile.metric,
-                           calib_tokens=profile.calibration_tokens,
+                           mode=getattr(profile, "mode", "exact"), calib_tokens=profile.calibration_tokens,
                            text_file=None if corpus == "default" else corpus)
 
 

@@ -23,6 +23,8 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Label, ProgressBar
 from textual.worker import get_current_worker
 
+from profiling.profile import skip_reason
+
 from ..config import RunConfig
 from ..format import fmt_seconds, one_line, took_text
 from ..messages import ProfileFinished, ProfilePlanned, ProfileProgress, ProfileStatus, ProfileStopped
@@ -51,7 +53,9 @@ class ProfileScreen(ThrottledRedraw, Screen):
 Each layer (gene) is quantised alone at each type and the KL divergence of the model's next-token
 distribution to the dense model is **measured** on the calibration tokens (or estimated, for the
 `fisher` metric). Bigger = that layer hurts more at that type. `-` = the type does not fit the
-layer's shape (it is never offered to it). The unquantised type (16 / f16) has S = 0.
+layer's shape (it is never offered to it). `skip` = the fast profile skipped the cell: a
+cheaper-or-equal type of the same layer is as good (never offered either). The unquantised type
+(16 / f16) has S = 0.
 
 | key | action |
 |---|---|
@@ -87,6 +91,7 @@ layer's shape (it is never offered to it). The unquantised type (16 / f16) has S
         self.done = 0
         self.total = 0
         self.eta: float | None = None
+        self.eta_at = 0.0  # when ``eta`` was measured: it counts down from there
         self.started = 0.0
         self.status = ""
         self.job = None  # the finished jobs.profile.ProfileJob
@@ -124,6 +129,7 @@ layer's shape (it is never offered to it). The unquantised type (16 / f16) has S
     def on_mount(self) -> None:
         self.sub_title = "profile"
         self.set_interval(REDRAW_SECONDS, self._tick)
+        self.set_interval(1.0, self._tick_clock)  # the elapsed time and the ETA move between cells too
         if self.autostart:
             self.start()
 
@@ -189,7 +195,7 @@ layer's shape (it is never offered to it). The unquantised type (16 / f16) has S
         self.genes, self.params, self.qtypes = plan.gene_names, plan.gene_params, plan.qtypes
         self.unquantized = plan.unquantized
         self.valid = [list(map(bool, row)) for row in plan.valid]
-        self.values = dict(plan.known)
+        self.values = {c: (math.nan if skip_reason(v) else v) for c, v in plan.known.items()}
         self.total = plan.total
         self.done = len(plan.known)
         if plan.note:
@@ -200,7 +206,7 @@ layer's shape (it is never offered to it). The unquantised type (16 / f16) has S
     def on_profile_progress(self, message: ProfileProgress) -> None:
         e = message.event
         self.done, self.total = e.done, e.total
-        self.eta = e.eta_seconds
+        self.eta, self.eta_at = e.eta_seconds, time.monotonic()
         if e.kind == "entry":
             self.values[(e.gene_index, e.qtype)] = e.value
             self._changed.add(e.gene_index)
@@ -216,13 +222,14 @@ layer's shape (it is never offered to it). The unquantised type (16 / f16) has S
         for i in range(p.n_genes):
             for j, q in enumerate(p.qtypes):
                 if p.valid[i, j]:
-                    self.values[(i, q)] = float(p.sensitivity[i, j])
+                    self.values[(i, q)] = float(p.sensitivity[i, j])  # nan: skipped as dominated
         self._changed = set(range(p.n_genes))
         self.done = self.total = int(p.valid.sum())
         self.state = "done"
         dense = " (dense = the dequantised Q4_1 GGUF)" if p.model_id == "default" else ""
+        skipped = f" {p.skipped_text()}." if p.skipped_text() else ""
         self.status = (f"[b green]done[/]: {took_text(p)}. Dense loss {p.base_loss:.4f} (PPL {p.base_ppl:.2f}) "
-                       f"measured{dense}. Press [b]s[/] to search.")
+                       f"measured{dense}.{skipped} Press [b]s[/] to search.")
         self._dirty = self._rows_dirty = True
         self.refresh_bindings()
         self._redraw()
@@ -294,17 +301,31 @@ layer's shape (it is never offered to it). The unquantised type (16 / f16) has S
         n = len(self.genes)
         finished = sum(self._gene_done(i) == self._gene_total(i) for i in range(n)) if n else 0
         self.query_one("#genes-bar", ProgressBar).update(total=max(n, 1), progress=finished)
-        eta = "" if self.state != "running" else f" ETA {fmt_seconds(self.eta)}"
-        self.query_one("#eta", Label).update(f"{self.done}/{self.total}{eta}")
+        self._draw_clock()
         cur = self._current_gene()
         self.query_one("#gene-now", Label).update(f"{finished}/{n}" + (f" now {self.genes[cur]}" if cur >= 0 else ""))
+        if self._rows_dirty:
+            self._rows_dirty = False
+            self._fill_rows(cur)
+
+    def _tick_clock(self) -> None:
+        if self.state == "running":
+            self._draw_clock()
+
+    def eta_left(self) -> float | None:
+        """The job's last ETA, less the time since it came (None: not known yet)."""
+        if self.eta is None:
+            return None
+        return max(self.eta - (time.monotonic() - self.eta_at), 0.0)
+
+    def _draw_clock(self) -> None:
+        """The count, the ETA and the elapsed time (cheap: two labels, redrawn every second)."""
+        eta = "" if self.state != "running" else f" ETA {fmt_seconds(self.eta_left())}"
+        self.query_one("#eta", Label).update(f"{self.done}/{self.total}{eta}")
         elapsed = time.monotonic() - self.started if self.state == "running" else None
         extra = f"  [dim]({fmt_seconds(elapsed)}; sort {self.sort_label()})[/]" if elapsed else (
             f"  [dim](sort {self.sort_label()})[/]" if self.genes else "")
         self.query_one("#profile-status", Label).update(self.status + extra)
-        if self._rows_dirty:
-            self._rows_dirty = False
-            self._fill_rows(cur)
 
     def _row_cells(self, i: int, current: int, tops: dict[str, float]) -> list:
         done, total = self._gene_done(i), self._gene_total(i)
@@ -319,6 +340,8 @@ layer's shape (it is never offered to it). The unquantised type (16 / f16) has S
             v = self.values.get((i, q))
             if not self._fits(i, q):
                 cells.append(Text("-", style="dim", justify="right"))
+            elif v is not None and not math.isfinite(v):  # skipped: a cheaper-or-equal type is as good
+                cells.append(Text("skip", style="dim", justify="right"))
             else:
                 cells.append(Text("" if v is None else f"{v:.5f}", style=heat_style(v, tops[q]) if v is not None
                                   else "", justify="right"))
