@@ -16,7 +16,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -37,7 +37,10 @@ class ProfileCancelled(RuntimeError):
 
 @dataclass(frozen=True)
 class ProfileEvent:
-    """One progress step. ``kind``: "start", "entry" (a gene x qtype measured), "reused", "done"."""
+    """One progress step. ``kind``: "start"; "reused" (cells stored before the start); "claim" (this
+    worker starts measuring a gene); "entry" (a gene x qtype measured here); "remote" (a cell another
+    worker stored, seen when polling the store); "wait" (every missing gene is held by other workers:
+    ``held`` of them); "done". ``done`` counts every stored cell, whoever measured it."""
 
     kind: str
     done: int
@@ -47,6 +50,7 @@ class ProfileEvent:
     qtype: str = ""
     value: float = float("nan")
     elapsed: float = 0.0
+    held: int = 0
 
     @property
     def eta_seconds(self) -> float | None:
@@ -71,13 +75,18 @@ def cells_to_measure(inventory: Inventory, quantizer: Quantizer, qtypes, skip=fr
             for i in range(len(inventory.genes))]
 
 
+GeneSource = Iterable[tuple[int, list[Cell]]]  # (gene index, its cells to measure), e.g. gene_claims.ClaimedGenes
+
+
 def kl_sensitivity(runner: PrefixRunner, inventory: Inventory, quantizer: Quantizer, qtypes,
                    skip: set[Cell] = frozenset(),
                    on_gene: Callable[[int, dict[str, float]], None] | None = None,
-                   should_stop: Callable[[], bool] | None = None) -> dict[Cell, float]:
-    """Measure S for every fitting (gene, qtype) not in ``skip``; ``on_gene`` gets each gene's results."""
+                   should_stop: Callable[[], bool] | None = None,
+                   genes: GeneSource | None = None) -> dict[Cell, float]:
+    """Measure S for every fitting (gene, qtype) not in ``skip``; ``on_gene`` gets each gene's results.
+    ``genes``: which genes and cells to measure, in which order (default: every gene, in order)."""
     results: dict[Cell, float] = {}
-    for i, cells in enumerate(cells_to_measure(inventory, quantizer, qtypes, skip)):
+    for i, cells in genes if genes is not None else enumerate(cells_to_measure(inventory, quantizer, qtypes, skip)):
         gene = inventory.genes[i]
         gene_values: dict[str, float] = {}
         for _, q in cells:
@@ -120,10 +129,11 @@ def fisher_sensitivity(model, inventory: Inventory, quantizer: Quantizer, qtypes
                        skip: set[Cell] = frozenset(),
                        on_gene: Callable[[int, dict[str, float]], None] | None = None,
                        should_stop: Callable[[], bool] | None = None,
-                       importance: dict[str, torch.Tensor] | None = None) -> dict[Cell, float]:
+                       importance: dict[str, torch.Tensor] | None = None,
+                       genes: GeneSource | None = None) -> dict[Cell, float]:
     fisher = fisher_diagonal(model, inventory, tokens)
     results: dict[Cell, float] = {}
-    for i, cells in enumerate(cells_to_measure(inventory, quantizer, qtypes, skip)):
+    for i, cells in genes if genes is not None else enumerate(cells_to_measure(inventory, quantizer, qtypes, skip)):
         gene = inventory.genes[i]
         if should_stop and should_stop():
             raise ProfileCancelled("profiling cancelled")
@@ -219,8 +229,14 @@ def prepare(settings: ProfileSettings, loaded: LoadedModel | None = None) -> Pro
 
 def run_profile(setup: ProfileSetup, store=None, progress: ProgressCallback | None = None,
                 should_stop: Callable[[], bool] | None = None, reuse_prefix: bool = True,
-                runner: PrefixRunner | None = None) -> Profile:
-    """Measure (or reuse from ``store``) S for every gene and fitting qtype and return the profile."""
+                runner: PrefixRunner | None = None, claim_ttl: float | None = None,
+                poll_seconds: float | None = None) -> Profile:
+    """Measure (or reuse from ``store``) S for every gene and fitting qtype and return the profile.
+
+    With a store the genes are claimed one at a time (:mod:`profiling.gene_claims`), so any number of
+    processes running this on the same storage split the work and all return the same profile, read
+    from the store once every cell is there. ``claim_ttl``: seconds a claim of a dead worker blocks
+    its gene (default ``$EMPAS_CLAIM_TTL`` or 180)."""
     qtypes = list(setup.quantizer.qtypes)
     started = time.perf_counter()
     inv, key, quantizer = setup.inventory, setup.key, setup.quantizer
@@ -246,7 +262,7 @@ def run_profile(setup: ProfileSetup, store=None, progress: ProgressCallback | No
     if store is not None:
         store.ensure_header(key, header)
     done = len(known)
-    lock = threading.Lock()
+    lock = threading.RLock()  # events come from this thread and from the claim keeper's
 
     def emit(kind: str, **kw) -> None:
         if progress:
@@ -257,26 +273,61 @@ def run_profile(setup: ProfileSetup, store=None, progress: ProgressCallback | No
         emit("reused")
 
     gene_started = [time.perf_counter()]
+    source = None
 
     def on_gene(i: int, values: dict[str, float]) -> None:
         nonlocal done
         now = time.perf_counter()
         per_cell = (now - gene_started[0]) / max(len(values), 1)
         gene_started[0] = now
-        if store is not None:
-            store.add_entries(key, {(i, q): v for q, v in values.items()}, seconds=per_cell)
+        cells = {(i, q): v for q, v in values.items()}
+        if source is not None:  # stores the cells and releases the gene's claim together
+            fresh = source.commit(i, cells, seconds=per_cell)
+        else:
+            fresh = set(cells)
         with lock:
             for q, v in values.items():
-                done += 1
+                done += (i, q) in fresh
                 emit("entry", gene_index=i, gene=inv.genes[i].name, qtype=q, value=v)
 
+    def on_remote(cells: dict[Cell, float]) -> None:
+        nonlocal done
+        with lock:
+            for (i, q), v in cells.items():
+                done += 1
+                emit("remote", gene_index=i, gene=inv.genes[i].name, qtype=q, value=v)
+
+    def on_claim(i: int) -> None:
+        gene_started[0] = time.perf_counter()  # a wait for other workers is not this gene's time
+        with lock:
+            emit("claim", gene_index=i, gene=inv.genes[i].name)
+
+    def on_wait(held: int) -> None:
+        with lock:
+            emit("wait", held=held)
+
+    if store is not None:
+        from storage.workers import claim_ttl as resolve_ttl
+
+        from .gene_claims import POLL_SECONDS, ClaimedGenes
+
+        source = ClaimedGenes(store, key, cells_to_measure(inv, quantizer, qtypes), seen=known,
+                              ttl=resolve_ttl(claim_ttl), poll_seconds=poll_seconds or POLL_SECONDS,
+                              on_remote=on_remote, on_claim=on_claim, on_wait=on_wait, should_stop=should_stop)
     skip = set(known)
-    if setup.metric == "kl":
-        measured = kl_sensitivity(runner, inv, quantizer, qtypes, skip, on_gene, should_stop)
+    try:
+        if setup.metric == "kl":
+            measured = kl_sensitivity(runner, inv, quantizer, qtypes, skip, on_gene, should_stop, genes=source)
+        else:
+            measured = fisher_sensitivity(setup.loaded.model, inv, quantizer, qtypes, setup.tokens.calibration, skip,
+                                          on_gene, should_stop, setup.importance, genes=source)
+    finally:
+        if source is not None:
+            source.close()
+    if store is not None:  # every worker builds the profile from the same stored cells
+        values = {k: v for k, v in store.entries(key).items() if k[1] in qtypes and k[0] < len(inv.genes)}
     else:
-        measured = fisher_sensitivity(setup.loaded.model, inv, quantizer, qtypes, setup.tokens.calibration, skip,
-                                      on_gene, should_stop, setup.importance)
-    values = {**known, **measured}
+        values = {**known, **measured}
     table = np.array([[values.get((i, q), np.nan) if valid[i, j] else np.nan for j, q in enumerate(qtypes)]
                       for i in range(len(inv.genes))], dtype=np.float64)
     profile = Profile(
@@ -290,6 +341,7 @@ def run_profile(setup: ProfileSetup, store=None, progress: ProgressCallback | No
         memory_basis=setup.memory.basis,
         base_loss=base_loss, sensitivity=table, include_embeddings=setup.settings.embeddings_are_genes,
         unquantized=quantizer.unquantized, seconds=time.perf_counter() - started, reused_entries=len(known),
+        remote_entries=source.remote if source is not None else 0,
         measured_seconds=(store.measured_seconds(key) if store is not None else time.perf_counter() - started),
         extra={"quantizer_settings": setup.settings.quantizer.to_dict(), "settings": setup.settings.to_dict()},
     )

@@ -5,6 +5,8 @@ genes, the qtypes each can take, the cells already stored) draws the table, then
 arrives as a progress message. The screen only records messages and redraws on a 4 Hz timer, so
 hundreds of events per second cost one repaint. Finished genes are committed to the storage as they
 complete: cancelling (or quitting) keeps them, and starting again measures only what is missing.
+Other workers on the same storage (``empas profile`` processes, docs/workers.md) take genes too: their
+cells arrive as "remote" events and fill the table as they are stored, marked as theirs.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ Each layer (gene) is quantised alone at each type and the KL divergence of the m
 distribution to the dense model is **measured** on the calibration tokens (or estimated, for the
 `fisher` metric). Bigger = that layer hurts more at that type. `-` = the type does not fit the
 layer's shape (it is never offered to it). The unquantised type (16 / f16) has S = 0.
+Other `empas profile` workers on the same storage share the layers: theirs show a cyan ✓.
 
 | key | action |
 |---|---|
@@ -84,6 +87,10 @@ layer's shape (it is never offered to it). The unquantised type (16 / f16) has S
         self.unquantized = cfg.profile.quantizer.unquantized
         self.valid: list[list[bool]] = []
         self.values: dict[tuple[int, str], float] = {}
+        self.remote_genes: set[int] = set()  # genes with cells other workers stored during this run
+        self.remote = 0  # those cells
+        self.current = -1  # the gene this worker measures now ("claim" events), -1 while it waits
+        self.claims_seen = False
         self.done = 0
         self.total = 0
         self.eta: float | None = None
@@ -142,6 +149,7 @@ layer's shape (it is never offered to it). The unquantised type (16 / f16) has S
         self.started = time.monotonic()
         self.status = "starting..."
         self.job = None
+        self.current = -1
         self._dirty = True
         self.refresh_bindings()
         self._work(self.cfg)
@@ -206,6 +214,22 @@ layer's shape (it is never offered to it). The unquantised type (16 / f16) has S
             self._changed.add(e.gene_index)
             self._rows_dirty = True
             self.status = f"measured {e.gene} at {e.qtype}" if e.qtype != self.unquantized else f"{e.gene} done"
+        elif e.kind == "remote":
+            self.values[(e.gene_index, e.qtype)] = e.value
+            self.remote += 1
+            self.remote_genes.add(e.gene_index)
+            self._changed.add(e.gene_index)
+            self._rows_dirty = True
+            self.status = f"{self.remote} cells from other workers (last: {e.gene} at {e.qtype})"
+        elif e.kind == "claim":
+            self._changed |= {self.current, e.gene_index} - {-1}
+            self.current, self.claims_seen = e.gene_index, True
+            self._rows_dirty = True
+        elif e.kind == "wait":
+            self._changed |= {self.current} - {-1}
+            self.current = -1
+            self._rows_dirty = True
+            self.status = f"waiting for {e.held} layers other workers are measuring"
         elif e.kind == "start":
             self.status = "measuring..."
         self._dirty = True
@@ -265,6 +289,8 @@ layer's shape (it is never offered to it). The unquantised type (16 / f16) has S
     def _current_gene(self) -> int:
         if self.state != "running":
             return -1
+        if self.claims_seen:  # the job says which gene it measures (other workers may hold earlier ones)
+            return self.current
         for i in range(len(self.genes)):
             if self._gene_done(i) < self._gene_total(i):
                 return i
@@ -309,7 +335,7 @@ layer's shape (it is never offered to it). The unquantised type (16 / f16) has S
     def _row_cells(self, i: int, current: int, tops: dict[str, float]) -> list:
         done, total = self._gene_done(i), self._gene_total(i)
         if done == total:
-            state = Text("✓", style="green")
+            state = Text("✓", style="cyan" if i in self.remote_genes else "green")
         elif i == current:
             state = Text("▶", style="bold yellow")
         else:
