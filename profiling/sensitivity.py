@@ -261,6 +261,7 @@ def run_profile(setup: ProfileSetup, store=None, progress: ProgressCallback | No
     }
     if store is not None:
         store.ensure_header(key, header)
+        base_loss = float(store.header(key)["base_loss"])  # the first worker's: every worker returns the same
     done = len(known)
     lock = threading.RLock()  # events come from this thread and from the claim keeper's
 

@@ -20,7 +20,7 @@ import time
 
 from sqlalchemy import (Column, Float, ForeignKey, Integer, MetaData, String, Table, Text, UniqueConstraint, func,
                         select)
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 from .database import storage_error
 from .workers import worker_is_dead_here
@@ -218,6 +218,10 @@ class ProfileStore:
                                                           expires=now + ttl))
         except IntegrityError:
             return False
+        except OperationalError as exc:  # PostgreSQL: two claimers deleting the same expired rows
+            if "deadlock" in str(exc).lower():
+                return False
+            raise
         return True
 
     @staticmethod

@@ -225,6 +225,8 @@ Other `empas profile` workers on the same storage share the layers: theirs show 
             self._changed |= {self.current, e.gene_index} - {-1}
             self.current, self.claims_seen = e.gene_index, True
             self._rows_dirty = True
+            if self.status.startswith("waiting"):
+                self.status = f"measuring {e.gene} (its worker stopped: taken over)"
         elif e.kind == "wait":
             self._changed |= {self.current} - {-1}
             self.current = -1
@@ -325,7 +327,8 @@ Other `empas profile` workers on the same storage share the layers: theirs show 
         cur = self._current_gene()
         self.query_one("#gene-now", Label).update(f"{finished}/{n}" + (f" now {self.genes[cur]}" if cur >= 0 else ""))
         elapsed = time.monotonic() - self.started if self.state == "running" else None
-        extra = f"  [dim]({fmt_seconds(elapsed)}; sort {self.sort_label()})[/]" if elapsed else (
+        others = f"; {self.remote} cells from other workers" if self.remote and self.state == "running" else ""
+        extra = f"  [dim]({fmt_seconds(elapsed)}{others}; sort {self.sort_label()})[/]" if elapsed else (
             f"  [dim](sort {self.sort_label()})[/]" if self.genes else "")
         self.query_one("#profile-status", Label).update(self.status + extra)
         if self._rows_dirty:
