@@ -50,6 +50,20 @@ def test_claim_ttl_setting(monkeypatch):
             claim_ttl()
 
 
+@pytest.mark.parametrize("argv,needle", [
+    (["--threads", "0"], "--threads N must be a positive integer"),
+    (["--claim-ttl", "0"], "claim TTL 0.0 must be a positive number"),
+])
+def test_bad_worker_options_fail_in_one_line_before_the_model(argv, needle, capsys, tmp_path, monkeypatch):
+    from empas_tui.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["profile", *argv, "--storage", str(tmp_path / "w.db")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("empas: error:") and needle in err[0], err
+    assert list(tmp_path.iterdir()) == []  # no storage created
+
+
 # -- claims in the store ---------------------------------------------------------------------------
 
 def test_claims_are_exclusive_renewable_and_expire(storage_url):
