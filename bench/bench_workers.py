@@ -101,8 +101,9 @@ def main() -> None:
                    "two_workers_cells_measured": two["cells_measured"], "cells": one["cells"],
                    "max_relative_difference_of_S": max_relative_difference(one["S"], two["S"])}
             rows.append(row)
-            print(f"repeat {r}: 1 worker {row['one_worker_seconds']:6.1f}s   2 workers {row['two_workers_seconds']:6.1f}s"
-                  f"   ratio {row['ratio']:.3f}   cells per worker {two['cells_measured']}", file=sys.stderr)
+            print(f"repeat {r}: 1 worker {row['one_worker_seconds']:6.1f}s   "
+                  f"2 workers {row['two_workers_seconds']:6.1f}s   ratio {row['ratio']:.3f}   "
+                  f"cells per worker {two['cells_measured']}", file=sys.stderr)
     ratio = statistics.median(r["ratio"] for r in rows)
     result = {
         "workload": {"model": args.model, "granularity": args.granularity, "quantizer": "rtn", "bits": args.bits,

@@ -48,9 +48,10 @@ class ClaimedGenes:
 
     Each gene is claimed in ``store`` before it is yielded; the consumer's ``on_gene`` stores its cells
     with :meth:`commit`, which releases the claim in the same transaction (a gene the consumer yields
-    nothing for is released when it asks for the next). While nothing is claimable it polls every ``poll_seconds`` until every
-    needed cell is stored. ``on_remote(cells)`` gets the cells other workers stored, once each, from
-    whichever thread saw them; ``on_claim(gene)`` / ``on_wait(held)`` report what the worker does.
+    nothing for is released when it asks for the next). While nothing is claimable it polls every
+    ``poll_seconds`` until every needed cell is stored. ``on_remote(cells)`` gets the cells other
+    workers stored, once each, from whichever thread saw them; ``on_claim(gene)`` / ``on_wait(held)``
+    report what the worker does.
     Call :meth:`close` when done (it releases a claim still held and stops the background thread)."""
 
     def __init__(self, store, key: str, needed: Sequence[Sequence[Cell]], seen, ttl: float, worker: str | None = None,

@@ -8,7 +8,7 @@ import socket
 import uuid
 
 CLAIM_TTL_ENV = "EMPAS_CLAIM_TTL"
-DEFAULT_CLAIM_TTL = 180.0  # seconds; renewed every quarter of it, so a worker misses three renewals before it loses a gene
+DEFAULT_CLAIM_TTL = 180.0  # seconds; renewed every quarter of it: a worker loses its gene after 3 missed renewals
 
 
 def claim_ttl(seconds: float | None = None) -> float:
