@@ -87,7 +87,8 @@ class Profile:
     memory_basis: str = "memory model"  # or "gguf file": fixed + costs are the GGUF file's bytes
     unquantized: str = "16"
     seconds: float = 0.0  # this run's wall time (small when everything was reused)
-    reused_entries: int = 0
+    reused_entries: int = 0  # cells stored before this run started
+    remote_entries: int = 0  # cells other workers stored while this run ran (docs/workers.md)
     measured_seconds: float = 0.0  # the time spent measuring every entry, whichever run measured it
     extra: dict = field(default_factory=dict)
     mode: str = "exact"  # "fast": dominated cells were skipped (see ``dominated``)
@@ -149,7 +150,8 @@ class Profile:
         if self.reused_entries and self.reused_entries >= valid:
             return f"measured earlier in {fmt(self.measured_seconds)}; all {self.reused_entries} entries reused"
         reused = f", {self.reused_entries} of {valid} entries reused" if self.reused_entries else ""
-        return f"took {fmt(self.seconds)}{reused}"
+        remote = f", {self.remote_entries} of {valid} measured by other workers" if self.remote_entries else ""
+        return f"took {fmt(self.seconds)}{reused}{remote}"
 
     def qtype_index(self, qtypes) -> np.ndarray:
         """Column index of each gene's qtype; one-line error for a qtype the profile lacks or a gene

@@ -16,7 +16,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -38,7 +38,10 @@ class ProfileCancelled(RuntimeError):
 
 @dataclass(frozen=True)
 class ProfileEvent:
-    """One progress step. ``kind``: "start", "entry" (a gene x qtype measured or skipped), "reused", "done".
+    """One progress step. ``kind``: "start"; "reused" (cells stored before the start); "claim" (this
+    worker starts measuring a gene); "entry" (a gene x qtype measured or skipped here); "remote" (a cell
+    another worker stored, seen when polling the store); "wait" (every missing gene is held by other
+    workers: ``held`` of them); "done". ``done`` counts every stored cell, whoever measured it.
 
     ``work_done`` / ``work_total``: the measuring work of this run in block passes (see
     :func:`cell_work`), so the ETA weighs a cell of an early block (a long tail) more than a late one."""
@@ -55,6 +58,7 @@ class ProfileEvent:
     work_total: float = 0.0
     work_seconds: float = 0.0  # seconds spent measuring so far (without loading and the dense pass)
     skipped: str = ""  # for a skipped (dominated) cell: the reason (profiling.profile.SKIP_REASONS)
+    held: int = 0
 
     @property
     def eta_seconds(self) -> float | None:
@@ -99,30 +103,50 @@ def cells_to_measure(inventory: Inventory, quantizer: Quantizer, qtypes, skip=fr
             for i in range(len(inventory.genes))]
 
 
+GeneSource = Iterable[tuple[int, list[Cell]]]  # (gene index, its cells to measure), e.g. gene_claims.ClaimedGenes
+
+
 def kl_sensitivity(runner: PrefixRunner, inventory: Inventory, quantizer: Quantizer, qtypes,
                    skip: set[Cell] = frozenset(),
                    on_gene: Callable[[int, dict[str, float]], None] | None = None,
                    should_stop: Callable[[], bool] | None = None,
-                   known: dict[Cell, float] | None = None, screen: "Screening | None" = None) -> dict[Cell, float]:
+                   known: dict[Cell, float] | None = None, screen: "Screening | None" = None,
+                   genes: GeneSource | None = None) -> dict[Cell, float]:
     """Measure S for every fitting (gene, qtype) not in ``skip``; ``on_gene`` gets each gene's results.
 
-    ``screen`` (fast mode) lets :func:`measure_gene` skip dominated cells (stored as a
-    :data:`profiling.profile.SKIP_MARKERS` value); ``known`` holds stored cells it may compare with.
-    A runner with ``kl_batch`` (the streamed one) measures all the cells of one block together, every
-    cell exactly: the blocks after it are read from disk once for the batch, not once per cell."""
+    ``genes``: which genes and cells to measure, in which order (default: every gene, in order; the
+    claims of :mod:`profiling.gene_claims` when several workers share a store). ``screen`` (fast mode)
+    lets :func:`measure_gene` skip dominated cells (stored as a :data:`profiling.profile.SKIP_MARKERS`
+    value); ``known`` holds stored cells it may compare with. A runner with ``kl_batch`` (the streamed
+    one) measures every cell exactly, all the cells of one block together when it has every gene to
+    itself (the blocks after it are read from disk once for the batch), one gene's cells together when
+    the genes are claimed one at a time."""
     results: dict[Cell, float] = {}
     known = known or {}
-    todo = cells_to_measure(inventory, quantizer, qtypes, skip)
-    if hasattr(runner, "kl_batch"):
-        return _kl_by_block(runner, inventory, quantizer, todo, on_gene, should_stop)
-    for i, cells in enumerate(todo):
-        gene_known = {q: v for (g, q), v in known.items() if g == i}
-        gene_values = measure_gene(runner, inventory, quantizer, i, [q for _, q in cells], gene_known, screen,
-                                   should_stop)
+    if hasattr(runner, "kl_batch") and genes is None:
+        return _kl_by_block(runner, inventory, quantizer, cells_to_measure(inventory, quantizer, qtypes, skip),
+                            on_gene, should_stop)
+    for i, cells in genes if genes is not None else enumerate(cells_to_measure(inventory, quantizer, qtypes, skip)):
+        if hasattr(runner, "kl_batch"):
+            if should_stop and should_stop():
+                raise ProfileCancelled("profiling cancelled")
+            gene_values = _kl_of_gene_batch(runner, inventory, quantizer, i, [q for _, q in cells])
+        else:
+            gene_known = {q: v for (g, q), v in known.items() if g == i}
+            gene_values = measure_gene(runner, inventory, quantizer, i, [q for _, q in cells], gene_known, screen,
+                                       should_stop)
         results.update({(i, q): v for q, v in gene_values.items()})
         if gene_values and on_gene:
             on_gene(i, gene_values)
     return results
+
+
+def _kl_of_gene_batch(runner, inventory: Inventory, quantizer: Quantizer, gene_index: int, qtypes) -> dict[str, float]:
+    """One gene's cells in one streamed pass (``runner.kl_batch``); the unquantised type is 0."""
+    gene = inventory.genes[gene_index]
+    quantised = [q for q in qtypes if q != quantizer.unquantized]
+    values = dict(zip(quantised, runner.kl_batch([([gene], [q]) for q in quantised], quantizer))) if quantised else {}
+    return {q: values.get(q, 0.0) for q in qtypes}
 
 
 def _kl_by_block(runner, inventory: Inventory, quantizer: Quantizer, todo: list[list[Cell]], on_gene, should_stop
@@ -182,6 +206,42 @@ def dominated_mask(cost: np.ndarray, value: np.ndarray, margin: float = 0.0) -> 
     return out
 
 
+def gene_bytes(quantizer: Quantizer, gene, qtype: str) -> int:
+    """Bytes of one gene's weights at ``qtype``: what "cheaper-or-equal" compares."""
+    return sum(quantizer.weight_bytes(qtype, w.out_features, w.in_features) for w in gene.weights)
+
+
+def stale_markers(inventory: Inventory, quantizer: Quantizer, stored: dict[Cell, float], qtypes) -> set[Cell]:
+    """Stored skip markers that do not hold for the types asked for now.
+
+    A cell was skipped because a cheaper-or-equal type of its gene was as good, among the types of the
+    run that measured it. Qtypes are not part of a profile's key, so a later run may ask for fewer
+    types: a marker stands only while every stored cheaper-or-equal cell of its gene is among the types
+    asked for (its dominator is one of them). ``--types`` without q4_1 after a run with it: SmolLM2's
+    q8_0 ... q5_0 were skipped for q4_1's S = 0, and must now be measured."""
+    requested = set(qtypes)
+
+    def cost_of(gene, q: str) -> float:
+        try:
+            return gene_bytes(quantizer, gene, q)
+        except ValueError:  # a type this quantiser no longer offers: assume it was the cheaper one
+            return -1.0
+
+    by_gene: dict[int, dict[str, float]] = {}
+    for (i, q), v in stored.items():
+        if i < len(inventory.genes):
+            by_gene.setdefault(i, {})[q] = v
+    stale: set[Cell] = set()
+    for i, cells in by_gene.items():
+        gene = inventory.genes[i]
+        cost = {q: cost_of(gene, q) for q in cells}
+        for q, v in cells.items():
+            if q in requested and skip_reason(v) and any(
+                    p not in requested and cost[p] <= cost[q] for p in cells if p != q):
+                stale.add((i, q))
+    return stale
+
+
 def measure_gene(runner: PrefixRunner, inventory: Inventory, quantizer: Quantizer, gene_index: int, qtypes,
                  known: dict[str, float] | None = None, screen: Screening | None = None,
                  should_stop: Callable[[], bool] | None = None) -> dict[str, float]:
@@ -216,8 +276,7 @@ def measure_gene(runner: PrefixRunner, inventory: Inventory, quantizer: Quantize
     known = {q: v for q, v in (known or {}).items() if q not in qtypes}
     memo = MemoQuantizer(quantizer, budget_bytes=1 << 30)  # quantise each (weight, qtype) once for 1, 3 and 4
     names = qtypes + list(known)
-    cost = np.array([sum(quantizer.weight_bytes(q, w.out_features, w.in_features) for w in gene.weights)
-                     for q in names], dtype=np.float64)
+    cost = np.array([gene_bytes(quantizer, gene, q) for q in names], dtype=np.float64)
     exact = np.array([np.nan if skip_reason(known[q]) else known[q] for q in known], dtype=np.float64)
     value = np.concatenate([np.full(len(qtypes), np.nan), exact])
     values: dict[str, float] = {}
@@ -353,10 +412,11 @@ def fisher_sensitivity(model, inventory: Inventory, quantizer: Quantizer, qtypes
                        skip: set[Cell] = frozenset(),
                        on_gene: Callable[[int, dict[str, float]], None] | None = None,
                        should_stop: Callable[[], bool] | None = None,
-                       importance: dict[str, torch.Tensor] | None = None) -> dict[Cell, float]:
+                       importance: dict[str, torch.Tensor] | None = None,
+                       genes: GeneSource | None = None) -> dict[Cell, float]:
     fisher = fisher_diagonal(model, inventory, tokens)
     results: dict[Cell, float] = {}
-    for i, cells in enumerate(cells_to_measure(inventory, quantizer, qtypes, skip)):
+    for i, cells in genes if genes is not None else enumerate(cells_to_measure(inventory, quantizer, qtypes, skip)):
         gene = inventory.genes[i]
         if should_stop and should_stop():
             raise ProfileCancelled("profiling cancelled")
@@ -485,8 +545,14 @@ def load_for(settings: ProfileSettings):
 
 def run_profile(setup: ProfileSetup, store=None, progress: ProgressCallback | None = None,
                 should_stop: Callable[[], bool] | None = None, reuse_prefix: bool = True,
-                runner: PrefixRunner | None = None) -> Profile:
-    """Measure (or reuse from ``store``) S for every gene and fitting qtype and return the profile."""
+                runner: PrefixRunner | None = None, claim_ttl: float | None = None,
+                poll_seconds: float | None = None) -> Profile:
+    """Measure (or reuse from ``store``) S for every gene and fitting qtype and return the profile.
+
+    With a store the genes are claimed one at a time (:mod:`profiling.gene_claims`), so any number of
+    processes running this on the same storage split the work and all return the same profile, read
+    from the store once every cell is there. ``claim_ttl``: seconds a claim of a dead worker blocks
+    its gene (default ``$EMPAS_CLAIM_TTL`` or 180)."""
     qtypes = list(setup.quantizer.qtypes)
     started = time.perf_counter()
     inv, key, quantizer = setup.inventory, setup.key, setup.quantizer
@@ -495,7 +561,11 @@ def run_profile(setup: ProfileSetup, store=None, progress: ProgressCallback | No
     known: dict[Cell, float] = {}
     stored_header = store.header(key) if store is not None else None
     if stored_header is not None:
-        known = {k: v for k, v in store.entries(key).items() if k[1] in qtypes and k[0] < len(inv.genes)}
+        stored = store.entries(key)
+        stale = stale_markers(inv, quantizer, stored, qtypes)
+        if stale:  # measured now, for these types; the rows go so every worker sees them as missing
+            store.drop_cells(key, stale)
+        known = {k: v for k, v in stored.items() if k[1] in qtypes and k[0] < len(inv.genes) and k not in stale}
     if runner is None and (len(known) < total or stored_header is None):
         runner = make_runner(setup.loaded.model, inv, setup.tokens.calibration, reuse_prefix=reuse_prefix,
                              importance=setup.importance)
@@ -512,8 +582,9 @@ def run_profile(setup: ProfileSetup, store=None, progress: ProgressCallback | No
     header["mode"] = setup.mode
     if store is not None:
         store.ensure_header(key, header)
+        base_loss = float(store.header(key)["base_loss"])  # the first worker's: every worker returns the same
     done = len(known)
-    lock = threading.Lock()
+    lock = threading.RLock()  # events come from this thread and from the claim keeper's
     n_blocks = len(find_blocks(setup.loaded.model)[1])
     head = head_blocks(setup.loaded.model, inv)
     pending = [c for cells in cells_to_measure(inv, quantizer, qtypes, set(known)) for c in cells]
@@ -532,33 +603,69 @@ def run_profile(setup: ProfileSetup, store=None, progress: ProgressCallback | No
         emit("reused")
 
     gene_started = [time.perf_counter()]
+    source = None
 
     def on_gene(i: int, values: dict[str, float]) -> None:
         nonlocal done, work_done
         now = time.perf_counter()
         per_cell = (now - gene_started[0]) / max(len(values), 1)
         gene_started[0] = now
-        if store is not None:
-            store.add_entries(key, {(i, q): v for q, v in values.items()}, seconds=per_cell)
+        cells = {(i, q): v for q, v in values.items()}
+        if source is not None:  # stores the cells and releases the gene's claim together
+            fresh = source.commit(i, cells, seconds=per_cell)
+        else:
+            fresh = set(cells)
         with lock:
             for q, v in values.items():
-                done += 1
+                done += (i, q) in fresh
                 work_done += work.get((i, q), 0.0)
                 reason = skip_reason(v) or ""
                 emit("entry", gene_index=i, gene=inv.genes[i].name, qtype=q, value=float("nan") if reason else v,
                      skipped=reason)
 
+    def on_remote(cells: dict[Cell, float]) -> None:
+        nonlocal done
+        with lock:
+            for (i, q), v in cells.items():
+                done += 1
+                emit("remote", gene_index=i, gene=inv.genes[i].name, qtype=q, value=v)
+
+    def on_claim(i: int) -> None:
+        gene_started[0] = time.perf_counter()  # a wait for other workers is not this gene's time
+        with lock:
+            emit("claim", gene_index=i, gene=inv.genes[i].name)
+
+    def on_wait(held: int) -> None:
+        with lock:
+            emit("wait", held=held)
+
+    if store is not None:
+        from storage.workers import claim_ttl as resolve_ttl
+
+        from .gene_claims import POLL_SECONDS, ClaimedGenes
+
+        source = ClaimedGenes(store, key, cells_to_measure(inv, quantizer, qtypes), seen=known,
+                              ttl=resolve_ttl(claim_ttl), poll_seconds=poll_seconds or POLL_SECONDS,
+                              on_remote=on_remote, on_claim=on_claim, on_wait=on_wait, should_stop=should_stop)
     skip = set(known)
-    if setup.metric == "kl":
-        screen = None
-        if setup.mode == "fast" and pending and not hasattr(runner, "kl_batch"):  # streamed: every cell exact
-            screen = make_screening(setup, runner)
-        measure_started[0] = time.perf_counter()
-        measured = kl_sensitivity(runner, inv, quantizer, qtypes, skip, on_gene, should_stop, known, screen)
+    try:
+        if setup.metric == "kl":
+            screen = None
+            if setup.mode == "fast" and pending and not hasattr(runner, "kl_batch"):  # streamed: every cell exact
+                screen = make_screening(setup, runner)
+            measure_started[0] = time.perf_counter()
+            measured = kl_sensitivity(runner, inv, quantizer, qtypes, skip, on_gene, should_stop, known, screen,
+                                      genes=source)
+        else:
+            measured = fisher_sensitivity(setup.loaded.model, inv, quantizer, qtypes, setup.tokens.calibration, skip,
+                                          on_gene, should_stop, setup.importance, genes=source)
+    finally:
+        if source is not None:
+            source.close()
+    if store is not None:  # every worker builds the profile from the same stored cells
+        values = {k: v for k, v in store.entries(key).items() if k[1] in qtypes and k[0] < len(inv.genes)}
     else:
-        measured = fisher_sensitivity(setup.loaded.model, inv, quantizer, qtypes, setup.tokens.calibration, skip,
-                                      on_gene, should_stop, setup.importance)
-    values = {**known, **measured}
+        values = {**known, **measured}
     reasons = {c: skip_reason(v) for c, v in values.items() if skip_reason(v)}
     table = np.array([[values.get((i, q), np.nan) if valid[i, j] and (i, q) not in reasons else np.nan
                        for j, q in enumerate(qtypes)] for i in range(len(inv.genes))], dtype=np.float64)
@@ -576,6 +683,7 @@ def run_profile(setup: ProfileSetup, store=None, progress: ProgressCallback | No
         memory_basis=setup.memory.basis,
         base_loss=base_loss, sensitivity=table, include_embeddings=setup.settings.embeddings_are_genes,
         unquantized=quantizer.unquantized, seconds=time.perf_counter() - started, reused_entries=len(known),
+        remote_entries=source.remote if source is not None else 0,
         measured_seconds=(store.measured_seconds(key) if store is not None else time.perf_counter() - started),
         extra={"quantizer_settings": setup.settings.quantizer.to_dict(), "settings": setup.settings.to_dict(),
                "compute_dtype": setup.compute_dtype, "streamed": setup.loaded.streamed},
@@ -611,4 +719,6 @@ def load_profile(setup: ProfileSetup, store) -> Profile | None:
     for cells in cells_to_measure(setup.inventory, setup.quantizer, setup.quantizer.qtypes):
         if any(c not in entries for c in cells):
             return None
+    if stale_markers(setup.inventory, setup.quantizer, entries, setup.quantizer.qtypes):
+        return None  # cells skipped for a type not asked for now still need measuring
     return run_profile(setup, store)

@@ -17,7 +17,7 @@ import torch
 from profiling.profile import SKIP_VALUES, skip_reason
 from profiling.runner import PrefixRunner
 from profiling.sensitivity import (ProfileCancelled, Screening, cell_work, dominated_mask, eta_seconds, measure_gene,
-                                   make_screening, prepare, run_profile)
+                                   load_profile, make_screening, prepare, run_profile)
 from profiling.settings import ProfileSettings, QuantizerSettings, SettingsError
 from search.space import SearchSpace
 from storage.database import open_database
@@ -179,6 +179,29 @@ def test_fast_profile_resume_remeasures_nothing(zeroed_loaded, tmp_path):
     np.testing.assert_array_equal(np.nan_to_num(again.sensitivity, nan=-7), np.nan_to_num(profile.sensitivity, nan=-7))
     # the markers are what the storage holds for skipped cells; a measured S is never negative
     assert set(v for v in stored.values() if v < 0) <= set(SKIP_VALUES.values())
+
+
+def test_fewer_types_later_measure_the_cells_skipped_for_a_type_now_left_out(zeroed_loaded, tmp_path):
+    """Qtypes are not part of the key: a run without the type that dominated some cells (SmolLM2: every
+    type above q4_1 skipped for q4_1's S = 0, then `--types` without q4_1) measures those cells instead
+    of taking their markers, and the storage then holds the measured values."""
+    db = open_database(f"sqlite:///{tmp_path / 'p.db'}")
+    first = run_profile(prepare(ggml_settings(), zeroed_loaded), db.profiles)
+    z = first.gene_names.index("block.1")
+    (winner,) = [first.qtypes[j] for j in np.flatnonzero(first.offered[z])]
+    assert first.dominated[z].sum() >= 2  # the zeroed block: one type offered, the others skipped for it
+    fewer = ",".join(q for q in first.qtypes if q != winner)
+    setup = prepare(replace(ggml_settings(), quantizer=QuantizerSettings.parse("ggml", fewer)), zeroed_loaded)
+    assert setup.key == prepare(ggml_settings(), zeroed_loaded).key
+    assert load_profile(setup, db.profiles) is None  # stored cells that no longer hold are not a profile
+    events = []
+    second = run_profile(setup, db.profiles, progress=events.append)
+    offered = [second.qtypes[j] for j in np.flatnonzero(second.offered[z])]
+    assert len(offered) == 1 and offered[0] != winner and second.sensitivity[z, second.qtypes.index(offered[0])] == 0
+    assert any(e.kind == "entry" and e.gene_index == z for e in events)
+    # every other gene keeps at least one offered type, and the first run's profile is still found whole
+    assert second.offered.any(axis=1).all()
+    assert load_profile(prepare(ggml_settings(), zeroed_loaded), db.profiles) is not None
 
 
 def test_profile_json_round_trip_keeps_dominated_cells(zeroed_loaded):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import sys
 
+from storage.workers import CLAIM_TTL_ENV, DEFAULT_CLAIM_TTL, claim_ttl
+
 from .options import add_model_options, add_storage_option, profile_settings
 from .output import ProgressBar, print_json
 
@@ -19,6 +21,13 @@ def register(sub) -> None:
                    help="also measure K random mixed genomes and report the additive proxy's fidelity")
     p.add_argument("--no-prefix-reuse", action="store_true",
                    help="re-run the whole network for every measurement (slower; for benchmarking)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for this worker (default: torch's, one per core); with W workers on one "
+                        "machine give each cores/W (docs/workers.md)")
+    p.add_argument("--claim-ttl", type=float, default=None, metavar="SECONDS",
+                   help="seconds before a gene claimed by a dead worker is taken over by another "
+                        f"(default: ${CLAIM_TTL_ENV} or {DEFAULT_CLAIM_TTL:g}); workers started with the same "
+                        "flags and storage split the genes")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(handler=run)
 
@@ -32,15 +41,25 @@ def run(args) -> int:
 
     if args.check < 0:
         raise ValueError("--check K must be >= 0")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError("--threads N must be a positive integer (cores / workers on this machine)")
+    ttl = claim_ttl(args.claim_ttl)  # a bad --claim-ttl or $EMPAS_CLAIM_TTL fails here, before the model
     settings = profile_settings(args)  # bad options fail here, before the storage or the model
     db = open_database(args.storage)
-    bar = ProgressBar("profiling", enabled=not args.json)
-    job = ensure_profile(settings, db, progress=lambda e: bar.update(e.done, e.total, progress_label(e), e.eta_seconds),
-                         reuse_prefix=not args.no_prefix_reuse)
-    bar.close()
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    progress = ProfileProgress(ProgressBar("profiling", enabled=not args.json))
+    job = ensure_profile(settings, db, progress=progress, reuse_prefix=not args.no_prefix_reuse, claim_ttl=ttl)
+    progress.close()
     if job.note:
         print(f"empas: {job.note}", file=sys.stderr)
     profile, setup = job.profile, job.setup
+    if profile.remote_entries:
+        measured = int(profile.valid.sum()) - profile.reused_entries - profile.remote_entries
+        print(f"empas: {measured} cells measured here, {profile.remote_entries} by other workers on this storage",
+              file=sys.stderr)
     fidelity = None
     if args.check:
         runner = make_runner(setup.loaded.model, setup.inventory, setup.tokens.calibration,
@@ -53,8 +72,31 @@ def run(args) -> int:
     return 0
 
 
+class ProfileProgress:
+    """The progress bar of ``empas profile``: cells done, the last one, and how many came from other
+    workers sharing the storage (events arrive from the job's thread and its claim keeper's)."""
+
+    def __init__(self, bar: ProgressBar):
+        self.bar, self.remote, self.waiting = bar, 0, 0
+
+    def __call__(self, event) -> None:
+        if event.kind == "remote":
+            self.remote += 1
+        self.waiting = event.held if event.kind == "wait" else (0 if event.kind == "claim" else self.waiting)
+        self.bar.update(event.done, event.total, self.label(event), event.eta_seconds)
+
+    def label(self, event) -> str:
+        if self.waiting:
+            return f"wait: {self.waiting} genes held elsewhere"
+        text = progress_label(event)
+        return f"{self.remote} remote | {text}" if self.remote else text
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def progress_label(event) -> str:
-    return f"{event.gene}@{event.qtype}" if event.gene else ""
+    return f"{event.gene}@{event.qtype}" if event.gene and event.qtype else event.gene
 
 
 def profile_json(profile, fidelity=None) -> dict:
@@ -70,7 +112,8 @@ def profile_json(profile, fidelity=None) -> dict:
         "base_loss": profile.base_loss, "base_ppl": profile.base_ppl,
         "fixed_bytes": profile.fixed_bytes, "dense_bytes": profile.dense_bytes(),
         "seconds": profile.seconds, "measured_seconds": profile.measured_seconds,
-        "reused_entries": profile.reused_entries, "profile_key": profile.key,
+        "reused_entries": profile.reused_entries, "remote_entries": profile.remote_entries,
+        "profile_key": profile.key,
         "mode": profile.mode, "skipped": dict(profile.skipped),
         "dominated": {n: [q for q, d in zip(profile.qtypes, row) if d]
                       for n, row in zip(profile.gene_names, profile.dominated) if row.any()},

@@ -43,15 +43,20 @@ def resolve_metric(settings: ProfileSettings, db, setup: ProfileSetup) -> tuple[
 
 
 def ensure_profile(settings: ProfileSettings, db, progress=None, should_stop=None,
-                   loaded: LoadedModel | None = None, reuse_prefix: bool = True) -> ProfileJob:
+                   loaded: LoadedModel | None = None, reuse_prefix: bool = True,
+                   claim_ttl: float | None = None) -> ProfileJob:
     """Load the model and measure every missing (gene, qtype) cell of the profile (reusing the stored
-    ones); finished genes are persisted as they complete, so an interrupted job resumes.
+    ones); finished genes are persisted as they complete, so an interrupted job resumes, and other
+    processes running the same job on the same storage take the genes this one has not claimed
+    (docs/workers.md).
 
-    ``should_stop``: a callable or a ``threading.Event`` (what the clients hold), like the search's."""
+    ``should_stop``: a callable or a ``threading.Event`` (what the clients hold), like the search's.
+    ``claim_ttl``: seconds before a dead worker's gene is taken over (default: ``$EMPAS_CLAIM_TTL`` or 180)."""
     from profiling.sensitivity import prepare, run_profile
 
     setup = prepare(settings, loaded)
     setup, note = resolve_metric(settings, db, setup)
     stop = should_stop.is_set if hasattr(should_stop, "is_set") else should_stop
-    profile = run_profile(setup, db.profiles, progress=progress, should_stop=stop, reuse_prefix=reuse_prefix)
+    profile = run_profile(setup, db.profiles, progress=progress, should_stop=stop, reuse_prefix=reuse_prefix,
+                          claim_ttl=claim_ttl)
     return ProfileJob(setup=setup, profile=profile, note=note)

@@ -51,8 +51,10 @@ def plan_profile(settings: ProfileSettings, db, loaded: LoadedModel | None = Non
                        valid=setup.inventory.valid_table(setup.quantizer, qtypes), known=known, note=note)
 
 
-def measure_plan(plan: ProfilePlan, db, progress=None, should_stop=None, reuse_prefix: bool = True) -> ProfileJob:
-    """Measure the cells the plan lacks (each finished gene is persisted at once) and return the job."""
+def measure_plan(plan: ProfilePlan, db, progress=None, should_stop=None, reuse_prefix: bool = True,
+                 claim_ttl: float | None = None) -> ProfileJob:
+    """Measure the cells the plan lacks (each finished gene is persisted at once; genes other workers
+    claim on the same storage are theirs, their cells arrive as "remote" events) and return the job."""
     profile = run_profile(plan.setup, db.profiles, progress=progress, should_stop=should_stop,
-                          reuse_prefix=reuse_prefix)
+                          reuse_prefix=reuse_prefix, claim_ttl=claim_ttl)
     return ProfileJob(setup=plan.setup, profile=profile, note=plan.note)

@@ -5,6 +5,8 @@ genes, the qtypes each can take, the cells already stored) draws the table, then
 arrives as a progress message. The screen only records messages and redraws on a 4 Hz timer, so
 hundreds of events per second cost one repaint. Finished genes are committed to the storage as they
 complete: cancelling (or quitting) keeps them, and starting again measures only what is missing.
+Other workers on the same storage (``empas profile`` processes, docs/workers.md) take genes too: their
+cells arrive as "remote" events and fill the table as they are stored, marked as theirs.
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ distribution to the dense model is **measured** on the calibration tokens (or es
 `fisher` metric). Bigger = that layer hurts more at that type. `-` = the type does not fit the
 layer's shape (it is never offered to it). `skip` = the fast profile skipped the cell: a
 cheaper-or-equal type of the same layer is as good (never offered either). The unquantised type
-(16 / f16) has S = 0.
+(16 / f16) has S = 0. Other `empas profile` workers on the same storage share the layers: theirs
+show a cyan ✓.
 
 | key | action |
 |---|---|
@@ -88,6 +91,10 @@ cheaper-or-equal type of the same layer is as good (never offered either). The u
         self.unquantized = cfg.profile.quantizer.unquantized
         self.valid: list[list[bool]] = []
         self.values: dict[tuple[int, str], float] = {}
+        self.remote_genes: set[int] = set()  # genes with cells other workers stored during this run
+        self.remote = 0  # those cells
+        self.current = -1  # the gene this worker measures now ("claim" events), -1 while it waits
+        self.claims_seen = False
         self.done = 0
         self.total = 0
         self.eta: float | None = None
@@ -148,6 +155,7 @@ cheaper-or-equal type of the same layer is as good (never offered either). The u
         self.started = time.monotonic()
         self.status = "starting..."
         self.job = None
+        self.current = -1
         self._dirty = True
         self.refresh_bindings()
         self._work(self.cfg)
@@ -212,6 +220,24 @@ cheaper-or-equal type of the same layer is as good (never offered either). The u
             self._changed.add(e.gene_index)
             self._rows_dirty = True
             self.status = f"measured {e.gene} at {e.qtype}" if e.qtype != self.unquantized else f"{e.gene} done"
+        elif e.kind == "remote":
+            self.values[(e.gene_index, e.qtype)] = e.value
+            self.remote += 1
+            self.remote_genes.add(e.gene_index)
+            self._changed.add(e.gene_index)
+            self._rows_dirty = True
+            self.status = f"{self.remote} cells from other workers (last: {e.gene} at {e.qtype})"
+        elif e.kind == "claim":
+            self._changed |= {self.current, e.gene_index} - {-1}
+            self.current, self.claims_seen = e.gene_index, True
+            self._rows_dirty = True
+            if self.status.startswith("waiting"):
+                self.status = f"measuring {e.gene} (its worker stopped: taken over)"
+        elif e.kind == "wait":
+            self._changed |= {self.current} - {-1}
+            self.current = -1
+            self._rows_dirty = True
+            self.status = f"waiting for {e.held} layers other workers are measuring"
         elif e.kind == "start":
             self.status = "measuring..."
         self._dirty = True
@@ -272,6 +298,8 @@ cheaper-or-equal type of the same layer is as good (never offered either). The u
     def _current_gene(self) -> int:
         if self.state != "running":
             return -1
+        if self.claims_seen:  # the job says which gene it measures (other workers may hold earlier ones)
+            return self.current
         for i in range(len(self.genes)):
             if self._gene_done(i) < self._gene_total(i):
                 return i
@@ -323,14 +351,15 @@ cheaper-or-equal type of the same layer is as good (never offered either). The u
         eta = "" if self.state != "running" else f" ETA {fmt_seconds(self.eta_left())}"
         self.query_one("#eta", Label).update(f"{self.done}/{self.total}{eta}")
         elapsed = time.monotonic() - self.started if self.state == "running" else None
-        extra = f"  [dim]({fmt_seconds(elapsed)}; sort {self.sort_label()})[/]" if elapsed else (
+        others = f"; {self.remote} cells from other workers" if self.remote and self.state == "running" else ""
+        extra = f"  [dim]({fmt_seconds(elapsed)}{others}; sort {self.sort_label()})[/]" if elapsed else (
             f"  [dim](sort {self.sort_label()})[/]" if self.genes else "")
         self.query_one("#profile-status", Label).update(self.status + extra)
 
     def _row_cells(self, i: int, current: int, tops: dict[str, float]) -> list:
         done, total = self._gene_done(i), self._gene_total(i)
         if done == total:
-            state = Text("✓", style="green")
+            state = Text("✓", style="cyan" if i in self.remote_genes else "green")
         elif i == current:
             state = Text("▶", style="bold yellow")
         else:
