@@ -72,9 +72,9 @@ def measure(path: Path, tokens, reference, gen_tokens: int, repeats: int) -> dic
 
 
 def empas_files(loaded, db, types: tuple[str, ...], label: str, budgets: dict[str, int], out: Path,
-                trials: int) -> tuple[dict[str, Path], dict]:
+                trials: int, calib_tokens: int) -> tuple[dict[str, Path], dict]:
     """Profile, search and export one GGUF per budget, the way `empas search` + `empas export` do."""
-    settings = ProfileSettings(model="default", granularity="linear",
+    settings = ProfileSettings(model="default", granularity="linear", calib_tokens=calib_tokens,
                                quantizer=QuantizerSettings.parse("ggml", ",".join(types)), include_embeddings=True)
     t0 = time.perf_counter()
     job = run_search_job(settings, SearchSettings(study_name=f"bar-{label}", trials=trials), db, loaded=loaded,
@@ -104,16 +104,22 @@ def main(argv=None) -> int:
     ap.add_argument("--gen-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2, help="torch threads for profiling")
+    ap.add_argument("--calib-tokens", type=int, default=512, help="calibration tokens of the all-types profile")
+    ap.add_argument("--no-q4_1-calib-tokens", type=int, default=512,
+                    help="calibration tokens of the no-q4_1 profile (less: a shorter run; stored in the JSON)")
     ap.add_argument("--out", default="bench/results/gguf_bar.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     Path(args.db).parent.mkdir(parents=True, exist_ok=True)
-    db = open_database(args.db)
+    import subprocess
+
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parent).stdout.strip()
     result = {"hardware": hardware_description(), "load_average_start": [round(x, 2) for x in os.getloadavg()],
               "model": "default (SmolLM2-135M-Instruct; dense = dequantised Q4_1 GGUF; K-quants fit ffn_down only)",
-              "heldout_tokens": args.heldout_tokens, "seq_len": args.seq_len}
+              "heldout_tokens": args.heldout_tokens, "seq_len": args.seq_len, "code_commit": commit}
 
     loaded = load_model("default")
     f16 = work / "f16.gguf"
@@ -131,9 +137,12 @@ def main(argv=None) -> int:
     budgets = {p: presets[p]["bytes"] for p in PRESETS}
 
     runs = {}
-    for label, types in (("all-types", tuple(t.lower() for t in DEFAULT_TYPES)),
-                         ("no-q4_1", tuple(t.lower() for t in DEFAULT_TYPES if t != "Q4_1"))):
-        files, seconds = empas_files(loaded, db, types, label, budgets, work, args.trials)
+    for label, types, calib in (("all-types", tuple(t.lower() for t in DEFAULT_TYPES), args.calib_tokens),
+                                ("no-q4_1", tuple(t.lower() for t in DEFAULT_TYPES if t != "Q4_1"),
+                                 args.no_q4_1_calib_tokens)):
+        # one storage per type set: a profile's skipped cells are relative to the types it was given
+        db = open_database(str(Path(args.db).with_suffix(f".{label}.db")))
+        files, seconds = empas_files(loaded, db, types, label, budgets, work, args.trials, calib)
         rows = {}
         for preset, path in files.items():
             row = measure(path, heldout, reference, args.gen_tokens, args.repeats)
@@ -143,7 +152,7 @@ def main(argv=None) -> int:
             row["bar_met"] = bool(row["size_ok"] and row["kl_ratio"] <= KL_BAR
                                   and abs(row["speed_ratio"] - 1) <= SPEED_TOLERANCE)
             rows[preset] = row
-        runs[label] = {"types": list(types), "seconds": seconds, "rows": rows}
+        runs[label] = {"types": list(types), "calibration_tokens": calib, "seconds": seconds, "rows": rows}
     result.update(presets=presets, empas=runs, load_average_end=[round(x, 2) for x in os.getloadavg()])
 
     print(f"SmolLM2-135M, {args.heldout_tokens} held-out tokens, llama.cpp logits; tokens/s: 1 thread, "
