@@ -72,9 +72,9 @@ def measure(path: Path, tokens, reference, gen_tokens: int, repeats: int) -> dic
 
 
 def empas_files(loaded, db, types: tuple[str, ...], label: str, budgets: dict[str, int], out: Path,
-                trials: int, calib_tokens: int) -> tuple[dict[str, Path], dict]:
+                trials: int, calib_tokens: int, granularity: str = "linear") -> tuple[dict[str, Path], dict]:
     """Profile, search and export one GGUF per budget, the way `empas search` + `empas export` do."""
-    settings = ProfileSettings(model="default", granularity="linear", calib_tokens=calib_tokens,
+    settings = ProfileSettings(model="default", granularity=granularity, calib_tokens=calib_tokens,
                                quantizer=QuantizerSettings.parse("ggml", ",".join(types)), include_embeddings=True)
     t0 = time.perf_counter()
     job = run_search_job(settings, SearchSettings(study_name=f"bar-{label}", trials=trials), db, loaded=loaded,
@@ -107,6 +107,8 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-tokens", type=int, default=512, help="calibration tokens of the all-types profile")
     ap.add_argument("--no-q4_1-calib-tokens", type=int, default=512,
                     help="calibration tokens of the no-q4_1 profile (less: a shorter run; stored in the JSON)")
+    ap.add_argument("--no-q4_1-granularity", choices=("linear", "block"), default="linear",
+                    help="genes of the no-q4_1 run (block: a shorter run, fewer choices; stored in the JSON)")
     ap.add_argument("--out", default="bench/results/gguf_bar.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -137,12 +139,13 @@ def main(argv=None) -> int:
     budgets = {p: presets[p]["bytes"] for p in PRESETS}
 
     runs = {}
-    for label, types, calib in (("all-types", tuple(t.lower() for t in DEFAULT_TYPES), args.calib_tokens),
-                                ("no-q4_1", tuple(t.lower() for t in DEFAULT_TYPES if t != "Q4_1"),
-                                 args.no_q4_1_calib_tokens)):
+    for label, types, calib, genes in (
+            ("all-types", tuple(t.lower() for t in DEFAULT_TYPES), args.calib_tokens, "linear"),
+            ("no-q4_1", tuple(t.lower() for t in DEFAULT_TYPES if t != "Q4_1"), args.no_q4_1_calib_tokens,
+             args.no_q4_1_granularity)):
         # one storage per type set: a profile's skipped cells are relative to the types it was given
         db = open_database(str(Path(args.db).with_suffix(f".{label}.db")))
-        files, seconds = empas_files(loaded, db, types, label, budgets, work, args.trials, calib)
+        files, seconds = empas_files(loaded, db, types, label, budgets, work, args.trials, calib, genes)
         rows = {}
         for preset, path in files.items():
             row = measure(path, heldout, reference, args.gen_tokens, args.repeats)
@@ -152,7 +155,8 @@ def main(argv=None) -> int:
             row["bar_met"] = bool(row["size_ok"] and row["kl_ratio"] <= KL_BAR
                                   and abs(row["speed_ratio"] - 1) <= SPEED_TOLERANCE)
             rows[preset] = row
-        runs[label] = {"types": list(types), "calibration_tokens": calib, "seconds": seconds, "rows": rows}
+        runs[label] = {"types": list(types), "calibration_tokens": calib, "granularity": genes, "seconds": seconds,
+                       "rows": rows}
     result.update(presets=presets, empas=runs, load_average_end=[round(x, 2) for x in os.getloadavg()])
 
     print(f"SmolLM2-135M, {args.heldout_tokens} held-out tokens, llama.cpp logits; tokens/s: 1 thread, "
