@@ -19,6 +19,8 @@ import threading
 import time
 from typing import Callable, Iterator, Mapping, Sequence
 
+from .profile import ProfileCancelled
+
 log = logging.getLogger(__name__)
 
 Cell = tuple[int, str]  # (gene index, qtype)
@@ -136,8 +138,6 @@ class ClaimedGenes:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             if self.should_stop and self.should_stop():
-                from .sensitivity import ProfileCancelled
-
                 raise ProfileCancelled("profiling cancelled")
             time.sleep(min(0.1, max(deadline - time.monotonic(), 0.0)))
 

@@ -32,6 +32,10 @@ PROFILE_SCHEMA = 2
 MEASUREMENT_VERSION = 3
 
 
+class ProfileCancelled(RuntimeError):
+    """Raised when ``should_stop`` turns true while profiling; finished genes are already persisted."""
+
+
 #: Stored values of skipped cells (a measured S is never negative), by reason.
 SKIP_MARKERS = {-1.0: "zero", -2.0: "screened"}
 SKIP_VALUES = {reason: value for value, reason in SKIP_MARKERS.items()}

@@ -25,15 +25,11 @@ from .corpus import TokenSets, build_token_sets
 from .inventory import Inventory, build_inventory, find_blocks, get_weight
 from .memory import MemoryLayout, QuantizerLayout, memory_layout
 from .models import LoadedModel, load_model
-from .profile import Profile, profile_key, skip_reason
+from .profile import Profile, ProfileCancelled, profile_key, skip_reason  # noqa: F401 (ProfileCancelled: re-exported)
 from .quantizers import Quantizer, make_quantizer
 from .runner import PrefixRunner
 from .streaming import make_runner
 from .settings import METRICS, SCREEN_MARGIN, SCREEN_TOKENS, STREAMED_FISHER, ProfileSettings, SettingsError
-
-
-class ProfileCancelled(RuntimeError):
-    """Raised when ``should_stop`` turns true; finished genes are already persisted."""
 
 
 @dataclass(frozen=True)

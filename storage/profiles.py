@@ -22,7 +22,7 @@ from sqlalchemy import (Column, Float, ForeignKey, Integer, MetaData, String, Ta
                         select)
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
-from .database import storage_error
+from .errors import storage_error
 from .workers import worker_is_dead_here
 
 metadata = MetaData()
