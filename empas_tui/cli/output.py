@@ -1,4 +1,4 @@
-"""Options and helpers shared by CLI commands."""
+"""Output helpers shared by CLI commands: JSON, progress bars and pipe progress lines (options: options.py)."""
 
 from __future__ import annotations
 
@@ -7,27 +7,6 @@ import os
 import sys
 import threading
 import time
-
-
-def add_storage_option(p) -> None:
-    p.add_argument("--storage", default=None,
-                   help="SQLite file or SQLAlchemy URL for profiles and studies "
-                        "(default: $EMPAS_STORAGE or ./empas.db)")
-
-
-def add_model_options(p) -> None:
-    p.add_argument("--model", default=None,
-                   help="Hugging Face id, local folder or .gguf file (default: embedded SmolLM2-135M)")
-    p.add_argument("--granularity", choices=["block", "linear"], default="block",
-                   help="one gene per decoder block or per linear layer (default: block)")
-    p.add_argument("--bits", default="2,4,8,16", help="comma-separated bit-widths, 2-8 or 16 (default: 2,4,8,16)")
-    p.add_argument("--metric", choices=["kl", "fisher"], default="kl",
-                   help="sensitivity metric: measured KL (default) or the fast Fisher estimate")
-    p.add_argument("--group-size", type=int, default=64, help="quantiser group size in input columns (default 64)")
-    p.add_argument("--calib-tokens", type=int, default=512, help="calibration tokens (default 512)")
-    p.add_argument("--heldout-tokens", type=int, default=512, help="held-out tokens (default 512)")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
-    p.add_argument("--text", default=None, help="plain-text file for calibration/held-out (default: built-in corpus)")
 
 
 def print_json(obj) -> None:

@@ -12,8 +12,8 @@ from .output import ProgressBar, print_json
 
 
 def register(sub) -> None:
-    p = sub.add_parser("profile", help="measure how much each layer hurts the model at each bit-width",
-                       description="Measure S(gene, bits) on calibration text and persist it in the storage. "
+    p = sub.add_parser("profile", help="measure how much each layer hurts the model at each quantisation type",
+                       description="Measure S(gene, type) on calibration text and persist it in the storage. "
                                    "A rerun reuses the stored profile; an interrupted run resumes.")
     add_model_options(p)
     add_storage_option(p)

@@ -20,8 +20,8 @@ FRONT_TABLE_ROWS = 20
 
 
 def register(sub) -> None:
-    p = sub.add_parser("search", help="search per-layer bit-widths with NSGA-II (persistent, resumable)",
-                       description="Run NSGA-II over per-gene bit-widths in an Optuna study stored in the "
+    p = sub.add_parser("search", help="search per-layer quantisation types with NSGA-II (persistent, resumable)",
+                       description="Run NSGA-II over per-gene quantisation types in an Optuna study stored in the "
                                    "storage. Profiles first if needed. Running it again continues the study.")
     add_model_options(p)
     add_storage_option(p)
