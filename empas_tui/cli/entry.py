@@ -46,7 +46,8 @@ class OneLineErrorParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(
         prog="empas",
-        description="Find per-layer bit-widths for a causal LM under a memory budget. "
+        description="Find which quantisation type each weight tensor of a causal LM should get under a size "
+                    "budget, and ship it as a GGUF file llama.cpp runs. "
                     "Run without arguments to open the terminal UI.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
