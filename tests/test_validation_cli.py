@@ -336,3 +336,19 @@ def test_export_from_a_study_end_to_end(tiny_study, tmp_path, capsys):
         code, _, err = run_cli(capsys, "export", *argv, "--storage", tiny_study.url, "-o", tmp_path / "o3")
         assert code == 2 and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "o3").exists()
+
+
+def test_refinement_reports_its_progress(tiny_study, tmp_path):
+    """The measured refinement of the choices takes a forward pass per front point: the export job
+    reports each one (the TUI showed "loading the front..." for minutes without it)."""
+    from empas_tui.jobs.export import export_job
+    from storage.database import open_database
+
+    events = []
+    result = export_job(ExportSettings(study="tiny", output=str(tmp_path / "o"), model=str(tiny_study.folder)),
+                        open_database(tiny_study.url), progress=events.append, write=False)
+    kinds = [e.kind for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "done" and kinds.count("genome") == events[-1].done > 0
+    assert [e.done for e in events if e.kind == "genome"] == list(range(1, events[-1].done + 1))
+    assert all(e.total == events[0].total for e in events) and events[1].name.startswith("refining: trial ")
+    assert any(c.basis == "measured" for c in result.choices) and not (tmp_path / "o").exists()

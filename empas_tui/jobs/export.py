@@ -146,19 +146,34 @@ def refine_points(settings: ExportSettings, front: FrontData, choices: list[Choi
     return list(dict.fromkeys(picks))
 
 
-def measure_on_calibration(study: StudyModel, indices: list[int], should_stop=None) -> dict[int, float]:
+def measure_on_calibration(study: StudyModel, indices: list[int], should_stop=None, progress=None) -> dict[int, float]:
     """Mean KL to dense of front points on the profile's own calibration tokens (never the held-out
-    ones), every gene quantised at once: the measured objective."""
+    ones), every gene quantised at once: the measured objective. ``progress`` gets a
+    :class:`profiling.evaluation.ValidationEvent` per point (a refinement takes a forward pass each:
+    minutes on a CPU, which a client must show)."""
+    import time
+
+    from profiling.evaluation import ValidationEvent
+
     from .search import calibration_kl
 
     if study.setup is None:
         return {}
+    started = time.perf_counter()
+
+    def emit(kind: str, done: int, name: str = "") -> None:
+        if progress:
+            progress(ValidationEvent(kind, done, len(indices), name, elapsed=time.perf_counter() - started))
+
     kl = calibration_kl(study.setup)
+    emit("start", 0, "refining on calibration tokens")
     out = {}
     for i in indices:
         if should_stop and should_stop():
             break
         out[i] = float(kl(study.front.points[i].qtypes))
+        emit("genome", len(out), f"refining: trial {study.front.points[i].trial_number}")
+    emit("done", len(out))
     return out
 
 
@@ -231,7 +246,7 @@ def plan_export(settings: ExportSettings, db, progress=None, should_stop=None, l
     choices, skipped = choose(settings, front)
     to_measure = refine_points(settings, front, choices)
     if to_measure:
-        measured = measure_on_calibration(study, to_measure, should_stop)
+        measured = measure_on_calibration(study, to_measure, should_stop, progress)
         for i, kl in measured.items():
             points[i] = replace(points[i], measured={**(points[i].measured or {}), "kl": kl,
                                                      "loss": profile.base_loss + kl, "on": "calibration"})

@@ -197,7 +197,8 @@ generation tokens/s on this machine. An archetype a budget rules out is shown as
         from ...jobs.export import export_job
 
         try:
-            result = export_job(settings, self.app.db, write=False, load=self._load)
+            result = export_job(settings, self.app.db, write=False, load=self._load,
+                                progress=lambda e: self.post_message(ValidationProgress(e, "refining")))
         except Exception as exc:  # ArchetypeError: nothing fits the budget; the message names what does
             if not budget:
                 log.exception("choosing archetypes failed")
