@@ -7,20 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-
-@pytest.fixture
-def one_torch_thread():
-    """torch on one thread for the test (shared cores), restored afterwards (import it into a test module)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def run_cli(capsys, *argv):

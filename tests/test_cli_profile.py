@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from cli_helpers import empas_process, one_torch_thread, run_cli  # noqa: F401 - fixture
+from cli_helpers import empas_process, run_cli
 from empas_tui.cli import main
 
 

@@ -24,16 +24,10 @@ from storage.database import open_database
 
 from empas_tui.cli.output import ProgressBar
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
+
 REL_BAR, ABS_BAR = 0.05, 1e-5
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """The tiny model's matrices are too small for two threads on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # -- the dominance rule (pure) ----------------------------------------------------------------------

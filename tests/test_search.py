@@ -342,16 +342,6 @@ def test_locked_database_is_one_line(db, monkeypatch, tmp_path):
         open_database(f"sqlite:///{tmp_path}/missing/dir/x.db")
 
 
-@pytest.fixture
-def one_torch_thread():
-    """Tiny matrices: torch's thread pool only adds spin-waits (and seconds on a busy 2-core machine)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def test_measured_mode_on_tiny_model(tiny_loaded, db, one_torch_thread):
     from conftest import rtn_settings

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from cli_helpers import cli_env, one_torch_thread, run_cli, run_search, seed_synthetic_study  # noqa: F401 - fixture
+from cli_helpers import cli_env, run_cli, run_search, seed_synthetic_study
 
 
 def test_search_end_to_end_on_a_model_folder(tiny_model_dir, tmp_path, capsys, one_torch_thread):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from cli_helpers import one_torch_thread, run_cli  # noqa: F401 - fixture
+from cli_helpers import run_cli
 from conftest import make_tiny_llama, rtn_settings
 from profiling.devices import Hardware, resolve_device
 from profiling.settings import SettingsError

@@ -17,19 +17,10 @@ from empas_tui.tui.logs import RingHandler, route_library_logging
 from tui_helpers import (SMALL, assert_fits, assert_wrapped, empty_storage, fill_setup, open_setup, profile_small,
                          screen_name, shown_text, wait_for)
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
+
 TUI = Path(__file__).resolve().parent.parent / "empas_tui" / "tui"
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """The tiny model gains nothing from threads, and on a busy shared CPU OpenMP's spinning makes a
-    0.3 s profile take 5 s; restore the setting for the other tests."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

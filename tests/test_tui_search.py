@@ -16,17 +16,10 @@ from textual.widgets import DataTable, Input
 from empas_tui.tui.app import EmpasApp
 from tui_helpers import assert_fits, assert_wrapped, empty_storage, profile_small, screen_name, shown_text, wait_for
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
+
 MIB = 1024 * 1024
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

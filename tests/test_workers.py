@@ -14,7 +14,7 @@ import time
 import pytest
 from sqlalchemy import create_engine, text
 
-from cli_helpers import empas_process, one_torch_thread, run_cli  # noqa: F401 - fixture
+from cli_helpers import empas_process, run_cli
 from profiling.gene_claims import claimable_genes, live_foreign_claims, missing_cells
 from storage.database import open_database
 from storage.workers import claim_ttl, new_worker_id, worker_is_dead_here
