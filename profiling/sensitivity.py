@@ -573,9 +573,8 @@ def run_profile(setup: ProfileSetup, store=None, progress: ProgressCallback | No
         "granularity": inv.granularity, "metric": setup.metric, "gene_names": inv.gene_names(),
         "include_embeddings": setup.settings.embeddings_are_genes,
         "base_loss": base_loss, "heldout_tokens": setup.tokens.heldout_tokens,
-        "seq_len": int(setup.tokens.calibration.shape[1]),
+        "seq_len": int(setup.tokens.calibration.shape[1]), "mode": setup.mode,
     }
-    header["mode"] = setup.mode
     if store is not None:
         store.ensure_header(key, header)
         base_loss = float(store.header(key)["base_loss"])  # the first worker's: every worker returns the same
